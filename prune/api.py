@@ -1,0 +1,298 @@
+"""The contract between pruning strategies and model adapters.
+
+A strategy is a frozen dataclass of flat, typed hyperparameters that satisfies :class:`Strategy`. It works on one
+video at a time (batch 1, as PruneVid's official code asserts) and knows nothing about transformers or lmms-eval.
+It has two stages:
+
+* ``pre_llm`` reduces the projected visual tokens of one video, ``[T, P, D]``, to a sequence ``[n, D]`` that the
+  adapter splices into the prompt. After this stage the adapter numbers positions contiguously over the shorter
+  sequence (PruneVid stage 1 re-indexes positions the same way).
+* ``in_llm`` runs after each decoder layer named in ``layer_specs``. The adapter scores the visual tokens still
+  present with the attention variant the spec asks for, and the strategy returns which of them survive into the
+  following layers. Survivors keep their original position ids (FastV ``position_ids = keep_indexs``; PruneVid
+  stage 2), so positions may have gaps.
+
+Shape legend: ``T`` frames, ``H x W`` patch grid of one frame, ``P = H * W`` tokens per frame, ``D`` hidden size,
+``N = T * P`` visual tokens before pruning, ``n`` visual tokens after the pre-LLM stage, ``k`` tokens kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LayerInput",
+    "LayerSpec",
+    "PreLLMOutput",
+    "Strategy",
+    "TokenBudget",
+    "VideoTokens",
+    "check_ratio",
+    "check_video",
+    "keep_count",
+    "simulate",
+]
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> float:
+    """Validate a keep ratio.
+
+    Args:
+        ratio: fraction of visual tokens to keep.
+        name: parameter name used in the error message.
+
+    Returns:
+        ``ratio`` as a float.
+
+    Raises:
+        ValueError: if ``ratio`` is not a finite number in (0, 1].
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio):
+        raise ValueError(f"{name} must be a finite number in (0, 1], got {ratio!r}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def check_video(frames: Tensor, name: str = "frames") -> None:
+    """Validate one video's visual tokens.
+
+    Args:
+        frames: ``[T, P, D]`` floating-point tokens.
+        name: argument name used in the error message.
+
+    Raises:
+        ValueError: wrong type or rank, an empty dimension, a non-floating dtype, or NaN/inf values.
+    """
+    if not isinstance(frames, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [T, P, D], got {type(frames).__name__}")
+    if frames.dim() != 3:
+        raise ValueError(f"{name} must have shape [T, P, D] (rank 3), got rank {frames.dim()} {tuple(frames.shape)}")
+    if min(frames.shape) == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(frames.shape)}; T, P and D must all be >= 1")
+    if not frames.is_floating_point():
+        raise ValueError(f"{name} must be floating point (fp32, fp16 or bf16), got {frames.dtype}")
+    if not bool(torch.isfinite(frames).all()):
+        raise ValueError(f"{name} contains NaN or inf; visual tokens must be finite")
+
+
+def keep_count(ratio: float, n: int) -> int:
+    """Number of tokens a ratio keeps out of ``n``: round half up, at least 1 when ``n >= 1``.
+
+    Python's ``round`` rounds half to even; a budget should not depend on the parity of ``n``.
+    """
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.floor(ratio * n + 0.5)))
+
+
+@dataclass(frozen=True)
+class VideoTokens:
+    """One video's visual tokens after the projector, before separators (e.g. newline tokens) are added.
+
+    Attributes:
+        tokens: ``[T, P, D]`` projected visual tokens in raster order within each frame.
+        grid: ``(H, W)`` with ``H * W == P``.
+        text: optional ``[M, D]`` embeddings of the prompt tokens, for query-conditioned pre-LLM methods.
+    """
+
+    tokens: Tensor
+    grid: tuple[int, int]
+
+    text: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_video(self.tokens, "VideoTokens.tokens")
+        if len(self.grid) != 2 or any(int(g) < 1 for g in self.grid):
+            raise ValueError(f"grid must be (H, W) with H, W >= 1, got {self.grid!r}")
+        h, w = (int(g) for g in self.grid)
+        if h * w != self.tokens.shape[1]:
+            raise ValueError(f"grid {h}x{w}={h * w} does not match P={self.tokens.shape[1]} tokens per frame")
+        if self.text is not None and (self.text.dim() != 2 or self.text.shape[1] != self.tokens.shape[2]):
+            raise ValueError(f"text must be [M, D={self.tokens.shape[2]}], got {tuple(self.text.shape)}")
+
+
+@dataclass(frozen=True)
+class PreLLMOutput:
+    """What the pre-LLM stage hands to the adapter.
+
+    Attributes:
+        tokens: ``[n, D]`` the visual sequence to splice into the prompt, in LLM order.
+        assignment: ``[N]`` long; for each input token (flattened ``t * P + p``), the index of the output token it
+            was kept as or merged into, or -1 if it was dropped. Used for pictures and position bookkeeping.
+        groups: sizes of consecutive groups of ``tokens`` (summing to ``n``) for strategies whose in-LLM stage selects
+            per group (PruneVid: per segment the static group, then one dynamic group per frame). ``()`` means
+            the strategy does not use groups.
+    """
+
+    tokens: Tensor
+    assignment: Tensor
+    groups: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert self.tokens.dim() == 2, f"tokens must be [n, D], got {tuple(self.tokens.shape)}"
+        assert self.assignment.dim() == 1 and self.assignment.dtype == torch.long
+        assert not self.groups or sum(self.groups) == self.tokens.shape[0], (self.groups, self.tokens.shape)
+
+    @property
+    def n(self) -> int:
+        """Number of visual tokens entering the LLM."""
+        return int(self.tokens.shape[0])
+
+    def sources(self) -> Tensor:
+        """``[n]`` long: the smallest input index merged into each output token (its representative)."""
+        n, big = self.n, self.assignment.numel()
+        src = torch.full((n,), big, dtype=torch.long, device=self.assignment.device)
+        kept = self.assignment >= 0
+        idx = torch.arange(big, device=self.assignment.device)[kept]
+        return src.scatter_reduce(0, self.assignment[kept], idx, reduce="amin")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Where and how an in-LLM stage scores the visual tokens.
+
+    The adapter computes, at decoder layer ``layer`` during prefill, the attention probabilities of the chosen query
+    rows over the whole sequence (softmax over all keys), slices the visual columns, reduces over heads and then
+    over query rows, and passes the resulting ``[n]`` scores to ``Strategy.in_llm``. The kept set applies to layers
+    ``layer + 1`` onwards.
+
+    Attributes:
+        layer: 0-based decoder layer whose attention provides the scores.
+        queries: ``"last"`` the last prompt token (FastV code); ``"after_visual"`` every token after the visual
+            span (PruneVid); ``"all"`` every token (FastV paper's column mean).
+        head_reduce: reduction over heads (KV heads are repeated first under GQA).
+        query_reduce: reduction over the query rows.
+        rope: ``True`` for the post-RoPE queries and keys the layer uses; ``False`` for pre-RoPE (PruneVid).
+        causal: ``True`` for the causal softmax of the forward pass; ``False`` for a softmax over the full row,
+            future tokens included (PruneVid's score map).
+        prune_past_kv: also drop the pruned tokens from the KV cache of layers ``<= layer`` (PruneVid), so every
+            layer decodes over the same kept set. ``False`` keeps the full cache there (FastV's in-place variant).
+    """
+
+    layer: int
+    queries: Literal["last", "after_visual", "all"] = "last"
+    head_reduce: Literal["mean", "max"] = "mean"
+    query_reduce: Literal["mean", "max"] = "mean"
+    rope: bool = True
+    causal: bool = True
+    prune_past_kv: bool = False
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """What ``Strategy.in_llm`` receives at one of its layers.
+
+    Attributes:
+        layer: the decoder layer the scores come from (``LayerSpec.layer``).
+        scores: ``[n_cur]`` float score of each visual token still present, as the spec asked.
+        visual: ``[n_cur]`` long, sorted indices of those tokens into ``pre.tokens``.
+        pre: the pre-LLM output of this sample (for group-wise selection).
+    """
+
+    layer: int
+    scores: Tensor
+    visual: Tensor
+    pre: PreLLMOutput
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """A visual-token pruning method. Implementations are frozen dataclasses; see the module docstring."""
+
+    name: str
+    ratio: float
+
+    @property
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """In-LLM stages in layer order; ``()`` for a pre-LLM-only method."""
+        ...
+
+    def pre_llm(self, video: VideoTokens) -> PreLLMOutput:
+        """Reduce one video's tokens before the LLM."""
+        ...
+
+    def in_llm(self, step: LayerInput) -> Tensor:
+        """Return ``[k]`` sorted, unique long indices into ``step.visual`` of the tokens that survive."""
+        ...
+
+    def layer_counts(self, pre: PreLLMOutput, num_layers: int) -> tuple[int, ...]:
+        """Visual tokens each of the ``num_layers`` decoder layers processes, given the pre-LLM output."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The achieved budget of one sample.
+
+    Attributes:
+        visual_in: ``N``, visual tokens before pruning.
+        pre_llm: visual tokens entering the LLM.
+        per_layer: visual tokens at every decoder layer.
+        kept: for each in-LLM stage, ``[k]`` indices into ``PreLLMOutput.tokens`` of the survivors.
+    """
+
+    visual_in: int
+    pre_llm: int
+    per_layer: tuple[int, ...]
+    kept: tuple[Tensor, ...] = ()
+
+    @property
+    def pre_llm_ratio(self) -> float:
+        """Fraction of visual tokens entering the LLM."""
+        return self.pre_llm / self.visual_in
+
+    @property
+    def layer_avg_ratio(self) -> float:
+        """Layer-averaged fraction of visual tokens the LLM processes (HieraVid's and PDrop's accounting)."""
+        return sum(self.per_layer) / (len(self.per_layer) * self.visual_in)
+
+
+ScoreFn = Callable[[LayerSpec, Tensor, PreLLMOutput], Tensor]
+
+
+def simulate(
+    strategy: Strategy, video: VideoTokens, num_layers: int, score_fn: ScoreFn
+) -> tuple[PreLLMOutput, TokenBudget]:
+    """Run both stages of a strategy without a model, with scores from ``score_fn``.
+
+    This is what an adapter does around the LLM, minus the LLM: tests, benchmarks and pictures use it.
+
+    Args:
+        strategy: the method.
+        video: one video's tokens.
+        num_layers: decoder layers of the (imagined) LLM.
+        score_fn: ``(spec, visual [n_cur] indices into pre.tokens, pre) -> [n_cur]`` scores.
+
+    Returns:
+        The pre-LLM output and the achieved :class:`TokenBudget`.
+    """
+    pre = strategy.pre_llm(video)
+    visual = torch.arange(pre.n, device=pre.tokens.device)
+    counts = [pre.n] * num_layers
+    kept = []
+    for spec in strategy.layer_specs:
+        if not 0 <= spec.layer < num_layers - 1:
+            raise ValueError(f"{strategy.name}: layer {spec.layer} is outside 0..{num_layers - 2} for {num_layers}")
+        keep = strategy.in_llm(LayerInput(spec.layer, score_fn(spec, visual, pre), visual, pre))
+        visual = visual[keep]
+        kept.append(visual)
+        for layer in range(spec.layer + 1, num_layers):
+            counts[layer] = int(visual.numel())
+    n_in = video.tokens.shape[0] * video.tokens.shape[1]
+    return pre, TokenBudget(n_in, pre.n, tuple(counts), tuple(kept))
+
+
+def group_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of consecutive groups with the given sizes."""
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + int(s)))
+        start += int(s)
+    return out
