@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import time
@@ -26,6 +27,16 @@ from prune.api import VideoTokens
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"pllava": (16, 12, 12, 4096, 32), "llava_ov": (32, 14, 14, 3584, 28)}  # T, H, W, D, LLM layers
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def make_video(t: int, h: int, w: int, d: int, seed: int, device: str) -> VideoTokens:
@@ -68,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
     rows = []
     for shape in args.shapes.split(","):
         t, h, w, d, layers = SHAPES[shape]
