@@ -59,6 +59,7 @@ def visual_scores(
     *,
     scale: float | None = None,
     chunk: int = 256,
+    q_start: int = 0,
 ) -> Tensor:
     """Attention the visual tokens receive from the query rows a spec names, reduced to one score per token.
 
@@ -78,6 +79,8 @@ def visual_scores(
         spec: which rows, reductions and mask to use.
         scale: softmax temperature; ``1 / sqrt(d)`` when ``None``.
         chunk: query rows per block for ``"all"`` and ``"after_visual"``.
+        q_start: ``q`` holds only the query rows ``q_start..S-1`` (``[H, S - q_start, d]``), so a caller that projects
+            queries itself (pre-RoPE scoring) computes just the rows it needs.
 
     Returns:
         ``[n]`` float32 scores, ``n = visual_end - visual_start``, on ``q``'s device.
@@ -88,10 +91,12 @@ def visual_scores(
     """
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(f"q must be [H, S, d] and k [H_kv, S, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    num_heads, seq_len, head_dim = q.shape
-    num_kv = k.shape[0]
-    if k.shape[1:] != q.shape[1:]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share S and d")
+    num_heads, _, head_dim = q.shape
+    num_kv, seq_len = k.shape[0], k.shape[1]
+    if k.shape[2] != head_dim or q.shape[1] + q_start != seq_len or q_start < 0:
+        raise ValueError(
+            f"q {tuple(q.shape)} must hold rows {q_start}..S-1 of k's S={seq_len} with the same head dim {k.shape[2]}"
+        )
     if num_kv < 1 or num_heads % num_kv != 0:
         raise ValueError(f"query heads H={num_heads} must be a positive multiple of key heads H_kv={num_kv}")
     if not 0 <= visual_start < visual_end <= seq_len:
@@ -103,6 +108,8 @@ def visual_scores(
             f"head_reduce and query_reduce must be 'mean' or 'max', got {spec.head_reduce!r}, {spec.query_reduce!r}"
         )
     row_start, row_end = query_rows(spec, seq_len, visual_end)
+    if row_start < q_start:
+        raise ValueError(f"spec.queries={spec.queries!r} needs rows from {row_start}, but q starts at row {q_start}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
     group = num_heads // num_kv
@@ -114,7 +121,7 @@ def visual_scores(
     for start in range(row_start, row_end, chunk):
         end = min(start + chunk, row_end)
         rows = end - start
-        q_blk = q[:, start:end].float().reshape(num_kv, group, rows, head_dim)
+        q_blk = q[:, start - q_start : end - q_start].float().reshape(num_kv, group, rows, head_dim)
         logits = torch.einsum("grqd,gsd->grqs", q_blk, k32).reshape(num_heads, rows, seq_len) * scale  # [H, r, S]
         if spec.causal:
             # Row i (absolute position) sees keys 0..i; the last row sees everything.

@@ -1,0 +1,335 @@
+"""LLaVA-OneVision family adapter: LLaVA-OneVision-7B and LLaVA-Video-7B-Qwen2 on one transformers class.
+
+Both checkpoints share one module tree (SigLIP so400m/14 at 384 px, 26 layers → MLP projector → Qwen2-7B), so
+``LlavaOnevisionForConditionalGeneration`` serves both; they differ in the video layout (backbones.md §1.1–1.2):
+
+============  ======  =============================  ==========================================  ===============
+layout        frames  pooling of the 27x27 grid      separators                                  visual tokens
+============  ======  =============================  ==========================================  ===============
+onevision     32      bilinear → 14x14 (HF           one ``image_newline`` after the whole video  T·196 + 1
+                      ``apply_pooling``)
+video         64      2x2 average → 13x13            one ``image_newline`` after every row         T·13·14 = T·182
+                      (LLaVA-NeXT ``get_2dPool``,    (``mm_newline_position="grid"``)
+                      eval ``mm_spatial_pool_mode
+                      =average``)
+============  ======  =============================  ==========================================  ===============
+
+The adapter runs the vision tower and projector itself to expose one video's tokens as a grid ``[T, h, w, D]`` before
+separators are added, calls ``strategy.pre_llm``, splices the result into the prompt's text embeddings (so the
+number of ``<video>`` placeholders in the prompt does not matter: one, or the processor's T·196+1) and runs the LLM
+through :class:`prune.adapters.llm.PrunedLM`.
+
+**Newline policy after pruning.** Separators are never pruned and never counted as visual tokens.
+
+* onevision: one newline after the (pruned) visual sequence, as the unpruned layout.
+* video: when the pre-LLM stage keeps the grid as it is (``none``, ``fastv``), the original per-row newlines; when it
+  changes the token set, the rows no longer exist, so one newline follows each run of output tokens from the same
+  frame (the frame of a merged token is that of its earliest member). Sorted outputs (``random``, ``pool``,
+  ``hieravid``) thus get one newline per frame, PruneVid one per frame of each segment (its static tokens join the
+  segment's first frame). HoliTom's ``add_newline_token`` keeps one newline per frame the same way.
+
+Shape legend: ``T`` frames, ``h x w`` pooled grid, ``D`` LLM hidden size, ``S`` prompt length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prune.adapters.llm import PrefillStats, PrunedLM
+from prune.api import PreLLMOutput, Strategy, VideoTokens
+
+__all__ = [
+    "LAYOUTS",
+    "Generation",
+    "LlavaOnevisionAdapter",
+    "VideoLayout",
+    "load_llava_onevision",
+    "tiny_llava_onevision",
+]
+
+HF_REPO_OV = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+VIDEO_TOKEN_ID = 151647  # llava-hf conversion: <image> 151646, <video> 151647
+IMAGE_TOKEN_ID = 151646
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """How a checkpoint turns frame features into the LLM's visual tokens.
+
+    Attributes:
+        name: ``onevision`` or ``video``.
+        pool: ``bilinear`` (HF ``apply_pooling``: interpolate to ceil(side/2)) or ``average`` (``avg_pool2d(2)``).
+        newline: ``video`` (one newline after the video) or ``row`` (one after every row of every frame).
+        num_frames: frames the checkpoint is evaluated with.
+    """
+
+    name: str
+    pool: str
+    newline: str
+    num_frames: int
+
+
+LAYOUTS = {
+    "onevision": VideoLayout("onevision", pool="bilinear", newline="video", num_frames=32),
+    "video": VideoLayout("video", pool="average", newline="row", num_frames=64),
+}
+
+
+@dataclass
+class Generation:
+    """One sample's output and the per-sample stats the harness records.
+
+    Attributes:
+        tokens: generated token ids (greedy).
+        visual_in: visual tokens of the unpruned grid (``T·h·w``; separators excluded).
+        visual_pre_llm: visual tokens entering the LLM.
+        separators: newline tokens in the visual span.
+        llm: prefill stats: visual tokens per layer, KV length and bytes after prefill, prefill and decode time.
+        timings: seconds per stage: ``vision`` (tower + projector + pooling), ``pre_llm``, ``prefill``, ``decode``.
+        logits: ``[V]`` logits of every generated token when asked for.
+    """
+
+    tokens: list[int]
+    visual_in: int
+    visual_pre_llm: int
+    separators: int
+    llm: PrefillStats
+    timings: dict[str, float]
+    logits: list[Tensor] = field(default_factory=list)
+
+
+class LlavaOnevisionAdapter:
+    """Runs one ``LlavaOnevisionForConditionalGeneration`` with a pruning strategy, one video at a time.
+
+    Args:
+        model: the loaded model (eval mode).
+        strategy: the pruning method; its in-LLM stages are installed on the language model.
+        layout: ``"onevision"`` or ``"video"`` (see the module docstring), or a :class:`VideoLayout`.
+        num_frames: frames per video this adapter accepts; defaults to the layout's.
+    """
+
+    def __init__(
+        self, model, strategy: Strategy, layout: str | VideoLayout = "onevision", num_frames: int | None = None
+    ) -> None:
+        if isinstance(layout, str):
+            if layout not in LAYOUTS:
+                raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+            layout = LAYOUTS[layout]
+        self.model, self.strategy, self.layout = model, strategy, layout
+        self.num_frames = num_frames or layout.num_frames
+        cfg = model.config
+        self.side = cfg.vision_config.image_size // cfg.vision_config.patch_size  # 27 for 384/14
+        self.grid = (math.ceil(self.side / 2),) * 2 if layout.pool == "bilinear" else (self.side // 2,) * 2
+        self.llm = PrunedLM(model.model.language_model, model.lm_head, strategy)
+
+    # -- vision ----------------------------------------------------------------------------------------------------
+
+    def video_grid(self, pixel_values_videos: Tensor) -> Tensor:
+        """Visual tokens of one video before separators.
+
+        Args:
+            pixel_values_videos: ``[1, T, 3, 384, 384]`` normalised frames (``prune.adapters.preprocess``).
+
+        Returns:
+            ``[T, h, w, D]`` projected, pooled tokens.
+        """
+        cfg, m = self.model.config, self.model.model
+        if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[0] != 1:
+            raise ValueError(
+                f"pixel_values_videos must be [1, T, 3, H, W] (batch size 1), got {tuple(pixel_values_videos.shape)}"
+            )
+        _, t, c, height, width = pixel_values_videos.shape
+        size = cfg.vision_config.image_size
+        if t != self.num_frames:
+            raise ValueError(
+                f"got {t} frames, this adapter expects {self.num_frames} ({self.layout.name} layout); sample them "
+                "with prune.adapters.preprocess.sample_frame_indices or set num_frames"
+            )
+        if (c, height, width) != (3, size, size):
+            raise ValueError(
+                f"frames must be 3x{size}x{size}, got {c}x{height}x{width}; resize with prune.adapters.preprocess"
+            )
+        pixels = pixel_values_videos[0].to(m.vision_tower.dtype)
+        out = m.vision_tower(pixels, output_hidden_states=True)
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        feats = m.multi_modal_projector(feats)  # [T, side*side, D]
+        if self.layout.pool == "bilinear":
+            feats = m.apply_pooling(feats)  # the HF OV path itself: bilinear to ceil(side/2)
+        else:  # LLaVA-NeXT get_2dPool(stride=2, mode="average")
+            grid = feats.view(t, self.side, self.side, -1).permute(0, 3, 1, 2)
+            feats = F.avg_pool2d(grid, 2).permute(0, 2, 3, 1)
+        return feats.reshape(t, *self.grid, -1)
+
+    def visual_sequence(self, pre: PreLLMOutput, grid: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the layout's separators to the pre-LLM output.
+
+        Returns:
+            ``[n + m, D]`` tokens and ``[n + m]`` long index into ``pre.tokens`` (-1 for a separator).
+        """
+        newline = self.model.model.image_newline.to(pre.tokens)
+        n, d = pre.tokens.shape
+        ids = torch.arange(n, device=pre.tokens.device)
+        if self.layout.newline == "video":
+            return torch.cat([pre.tokens, newline[None]]), torch.cat([ids, ids.new_tensor([-1])])
+        t, h, w, _ = grid.shape
+        identity = n == t * h * w and torch.equal(pre.assignment, torch.arange(n, device=pre.assignment.device))
+        if identity:  # the original grid layout: a newline after every row
+            rows = torch.cat([pre.tokens.view(t * h, w, d), newline.expand(t * h, 1, d)], dim=1).reshape(-1, d)
+            index = torch.cat([ids.view(t * h, w), ids.new_full((t * h, 1), -1)], dim=1).reshape(-1)
+            return rows, index
+        frame = pre.sources() // (h * w)  # [n] frame of each output token's earliest member
+        ends = torch.ones(n, dtype=torch.bool, device=ids.device)
+        ends[:-1] = frame[1:] != frame[:-1]
+        slot = ids + torch.cumsum(ends.long(), 0) - ends.long()  # where each token lands after the inserted newlines
+        total = n + int(ends.sum())
+        tokens = newline.expand(total, d).clone()
+        index = ids.new_full((total,), -1)
+        tokens[slot], index[slot] = pre.tokens, ids
+        return tokens, index
+
+    # -- one sample ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        pixel_values_videos: Tensor,
+        max_new_tokens: int = 16,
+        eos_token_ids: tuple[int, ...] = (),
+        return_logits: bool = False,
+    ) -> Generation:
+        """Prune and answer one prompt about one video.
+
+        Args:
+            input_ids: ``[1, S]`` prompt ids with one contiguous run of ``<video>`` placeholders (any length >= 1).
+            pixel_values_videos: ``[1, T, 3, 384, 384]``.
+            max_new_tokens: most tokens to generate (greedy).
+            eos_token_ids: stop after one of these.
+            return_logits: keep every generated token's logits.
+
+        Returns:
+            The :class:`Generation`.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, S] (batch size 1), got {tuple(input_ids.shape)}")
+        video_id = self.model.config.video_token_id
+        where = (input_ids[0] == video_id).nonzero()[:, 0]
+        if where.numel() == 0 or int(where[-1] - where[0]) + 1 != where.numel():
+            raise ValueError(f"input_ids must hold one contiguous run of <video> placeholders (id {video_id})")
+        device = self.model.device
+        prefix, suffix = input_ids[:, : int(where[0])].to(device), input_ids[:, int(where[-1]) + 1 :].to(device)
+
+        t0 = _now(device)
+        grid = self.video_grid(pixel_values_videos.to(device))
+        t1 = _now(device)
+        embed = self.model.get_input_embeddings()
+        text = embed(torch.cat([prefix, suffix], dim=1))[0]
+        t, h, w, d = grid.shape
+        pre = self.strategy.pre_llm(VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text))
+        vis_tokens, vis_index = self.visual_sequence(pre, grid)
+        t2 = _now(device)
+
+        embeds = torch.cat([embed(prefix)[0], vis_tokens.to(text.dtype), embed(suffix)[0]])[None]
+        minus = vis_index.new_full((prefix.shape[1],), -1), vis_index.new_full((suffix.shape[1],), -1)
+        visual = torch.cat([minus[0], vis_index, minus[1]])
+        tokens, stats, logits = self.llm.generate(
+            embeds, visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits
+        )
+        timings = {"vision": t1 - t0, "pre_llm": t2 - t1, "prefill": stats.prefill_s, "decode": stats.decode_s}
+        separators = int((vis_index < 0).sum())
+        return Generation(tokens, t * h * w, pre.n, separators, stats, timings, logits)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# -- building and loading -------------------------------------------------------------------------------------------
+
+
+def tiny_config(vocab_size: int = 151_936, llm_layers: int = 4):
+    """A randomly initialisable LLaVA-OneVision config with the real geometry and tiny widths.
+
+    SigLIP at 384 px with 14 px patches (27x27 patches → 14x14 or 13x13 after pooling), a Qwen2 with GQA (4 query /
+    2 key-value heads), the real ``<image>``/``<video>`` ids and the real vocabulary size, so real Qwen chat ids work.
+    """
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
+def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", llm_layers: int = 4):
+    """Build the tiny model from config with random weights from ``seed`` (the global RNG is left as it was)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    cfg = tiny_config(llm_layers=llm_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(cfg)
+    model.set_attn_implementation({"text_config": attn_implementation, "vision_config": "sdpa"})
+    return model.eval()
+
+
+def load_llava_onevision(
+    path_or_repo: str = HF_REPO_OV,
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    device_map: str | dict | None = None,
+):
+    """Load a LLaVA-OneVision checkpoint in the llava-hf layout with ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: the weights are neither local nor downloadable; the message says how to get them.
+    """
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    try:
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            path_or_repo,
+            dtype=dtype,
+            attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
+            device_map=device_map,
+        )
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load LLaVA-OneVision weights from {path_or_repo!r}: {err}. Download them first "
+            f"(`huggingface-cli download {HF_REPO_OV}`, about 16 GB, into HF_HOME) or point to a local copy."
+        ) from err
+    return model.eval()

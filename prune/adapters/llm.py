@@ -1,0 +1,314 @@
+"""In-LLM pruning for Hugging Face decoder-only LLMs (Qwen2, Llama) in transformers 5.x, without forking a model file.
+
+What a strategy's :class:`~prune.api.LayerSpec` asks for is done with three mechanisms (backbones.md §2b):
+
+1. **A registered attention kernel** (``vidprune_sdpa``, ``vidprune_eager``, ``vidprune_flash_attention_2``) wraps the
+   stock kernel and returns its output unchanged. At a scoring layer, during prefill only, it also computes the
+   attention of the query rows the spec names over the whole sequence, never the ``S x S`` matrix
+   (:func:`prune.attention.visual_scores`): FastV one row, PruneVid the rows after the video. Pre-RoPE scores
+   (PruneVid) re-project the layer's normalised input with its own ``q_proj``/``k_proj``, exactly the official
+   ``query_states``/``key_states`` before ``apply_rotary_pos_emb``.
+2. **Decoder-layer pre-hooks** drop the pruned tokens from the hidden states at the first layer after the scoring
+   layer and slice RoPE ``(cos, sin)``, ``position_ids`` and any 4-D mask at every later layer, so survivors keep
+   their original positions (gaps allowed).
+3. **KV-cache edits**: with ``prune_past_kv`` the caches of the layers before the drop are index-selected to the
+   survivors (PruneVid); otherwise they keep every token (FastV's in-place variant).
+
+Decoding runs in :meth:`PrunedLM.generate`'s own greedy loop, which passes ``position_ids`` explicitly: decode step
+``i`` sits at position ``S + i`` (``S`` = unpruned prefill length), as FastV and PruneVid's ``original_number`` do,
+whatever the pruned cache length.
+
+Shape legend: ``S`` prefill length, ``D`` hidden size, ``H`` heads, ``n`` visual tokens, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from prune.api import LayerInput, PreLLMOutput, Strategy
+from prune.attention import query_rows, visual_scores
+
+__all__ = ["PrefillStats", "PrunedLM", "SCORING_KERNELS", "register_scoring_kernels"]
+
+# Stock kernel name -> our wrapper's name. The mask function of the stock kernel is reused under the new name, or
+# create_causal_mask would not know how to build masks for it.
+SCORING_KERNELS = {
+    "sdpa": "vidprune_sdpa",
+    "eager": "vidprune_eager",
+    "flash_attention_2": "vidprune_flash_attention_2",
+}
+
+
+def _scoring_wrapper(base):
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        handle = getattr(module, "_vidprune", None)
+        if handle is not None:
+            handle._maybe_score(module, query, key)
+        return base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    return attention
+
+
+def register_scoring_kernels() -> None:
+    """Register the ``vidprune_*`` attention kernels with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for stock, ours in SCORING_KERNELS.items():
+        base = AttentionInterface._global_mapping.get(stock)
+        if stock == "eager":
+            from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward as base
+        if base is None:  # flash-attn not installed
+            continue
+        AttentionInterface.register(ours, _scoring_wrapper(base))
+        mask = AttentionMaskInterface._global_mapping.get(stock)
+        if mask is not None:
+            AttentionMaskInterface.register(ours, mask)
+
+
+@dataclass
+class PrefillStats:
+    """What one prefill did.
+
+    Attributes:
+        seq_len: unpruned prefill length ``S``.
+        visual_per_layer: visual tokens each decoder layer processed.
+        kv_len_per_layer: KV-cache length of every layer after prefill.
+        kv_bytes: bytes of all key and value tensors after prefill.
+        prefill_s: wall time of the prefill forward up to the first token's logits.
+        decode_s: wall time of the decode steps.
+        new_tokens: tokens generated.
+        kept: for each in-LLM stage, ``[k]`` indices into ``PreLLMOutput.tokens`` of the survivors.
+    """
+
+    seq_len: int
+    visual_per_layer: list[int]
+    kv_len_per_layer: list[int] = field(default_factory=list)
+    kv_bytes: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    kept: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Mutable per-sample prefill state, alive only during one prefill."""
+
+    pre: PreLLMOutput
+    seq_len: int
+    cur: Tensor  # [S_cur] original positions of the tokens currently in the sequence
+    visual: Tensor  # [S_cur] long: index into pre.tokens of each current token, -1 for text and separators
+    counts: list[int]
+    cache: object
+    pending: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # layer -> (keep_local, prune_past_kv)
+    layer_pos: dict[int, Tensor] = field(default_factory=dict)  # original positions cached by each layer
+    attn_input: Tensor | None = None
+    kept: list[Tensor] = field(default_factory=list)
+
+
+class PrunedLM:
+    """A decoder-only LLM with a strategy's in-LLM stages installed.
+
+    Args:
+        language_model: the decoder stack (``Qwen2Model``, ``LlamaModel``): ``embed_tokens``, ``layers``, ``norm``,
+            ``rotary_emb`` and a config with ``_attn_implementation``.
+        lm_head: the output projection.
+        strategy: the pruning method.
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, strategy: Strategy) -> None:
+        self.lm, self.lm_head, self.strategy = language_model, lm_head, strategy
+        self.num_layers = len(language_model.layers)
+        self.specs = {spec.layer: spec for spec in strategy.layer_specs}
+        for spec in self.specs.values():
+            if not 0 <= spec.layer < self.num_layers - 1:
+                raise ValueError(
+                    f"{strategy.name} scores layer {spec.layer}, but this LLM has {self.num_layers} layers "
+                    f"(valid: 0..{self.num_layers - 2}); set the strategy's layer for this backbone"
+                )
+        self._run: _Run | None = None
+        self._handles = []
+        impl = language_model.config._attn_implementation
+        if self.specs:
+            register_scoring_kernels()
+            if impl in SCORING_KERNELS:
+                language_model.config._attn_implementation = impl = SCORING_KERNELS[impl]
+            if impl not in SCORING_KERNELS.values():
+                raise ValueError(
+                    f"strategy {strategy.name!r} needs attention scores, but the LLM runs attn_implementation="
+                    f"{impl!r}, which vidprune cannot wrap; load the model with attn_implementation in "
+                    f"{sorted(SCORING_KERNELS)} (the scoring kernel wraps it; 'sdpa' is the default)"
+                )
+            uniform = all(spec.prune_past_kv for spec in self.specs.values())
+            if impl == SCORING_KERNELS["eager"] and not uniform:
+                raise ValueError(
+                    f"{strategy.name}: eager attention builds one decode mask for all layers, so every layer's KV "
+                    "cache must have the same length; enable the strategy's KV pruning (e.g. fastv prune_kv=true) "
+                    "or use attn_implementation='sdpa'"
+                )
+        self.attn_implementation = impl
+        for i, layer in enumerate(language_model.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            layer.self_attn._vidprune = self
+            if i in self.specs and not self.specs[i].rope:
+                self._handles.append(layer.self_attn.register_forward_pre_hook(self._capture_input, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Uninstall the hooks (the attention implementation name stays; it behaves as the stock kernel)."""
+        for h in self._handles:
+            h.remove()
+        for layer in self.lm.layers:
+            layer.self_attn._vidprune = None
+        self._handles = []
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+
+    def _capture_input(self, module, args, kwargs):
+        if self._run is not None:
+            self._run.attn_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            run = self._run
+            if run is None:
+                return None
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i in run.pending:
+                keep, prune_past = run.pending.pop(i)
+                hidden = hidden[:, keep]
+                run.cur, run.visual = run.cur[keep], run.visual[keep]
+                if prune_past:
+                    self._prune_past_kv(run, i)
+            run.counts[i] = int((run.visual >= 0).sum())
+            run.layer_pos[i] = run.cur
+            if run.cur.numel() != run.seq_len:  # slice everything that is still indexed by original position
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (cos[:, run.cur], sin[:, run.cur])
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = kwargs["position_ids"][:, run.cur]
+                if "flash" in self.attn_implementation:
+                    # FA2 reads gapped position_ids as packed sequences; RoPE already comes from position_embeddings.
+                    kwargs["position_ids"] = None
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, Tensor) and mask.dim() == 4:
+                    kwargs["attention_mask"] = mask[:, :, run.cur][:, :, :, run.cur]
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def _prune_past_kv(self, run: _Run, upto: int) -> None:
+        """Index-select the caches of layers ``< upto`` to the tokens still present (PruneVid: layers 0..K)."""
+        for j in range(upto):
+            layer = run.cache.layers[j]
+            keep = torch.searchsorted(run.layer_pos[j], run.cur)  # run.cur is a sorted subset of layer_pos[j]
+            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            run.layer_pos[j] = run.cur
+
+    def _maybe_score(self, module: nn.Module, query: Tensor, key: Tensor) -> None:
+        run = self._run
+        spec = self.specs.get(module.layer_idx)
+        if run is None or spec is None or query.shape[2] != run.cur.numel():
+            return  # not prefill, or not a scoring layer
+        vis_local = (run.visual >= 0).nonzero()[:, 0]  # [n_cur] positions of visual tokens in the current sequence
+        start, end = int(vis_local[0]), int(vis_local[-1]) + 1
+        seq = run.cur.numel()
+        if spec.rope:
+            q, k, q_start = query[0], key[0, :, -seq:], 0
+        else:  # PruneVid: Q and K before RoPE, from the attention input the pre-hook captured
+            q_start = query_rows(spec, seq, end)[0]
+            x = run.attn_input[0]
+            hd = module.head_dim
+            q = module.q_proj(x[q_start:]).view(seq - q_start, -1, hd).transpose(0, 1)
+            k = module.k_proj(x).view(seq, -1, hd).transpose(0, 1)
+        span = visual_scores(q, k, start, end, spec, scale=module.scaling, q_start=q_start)
+        scores = span[vis_local - start]
+        keep = self.strategy.in_llm(LayerInput(spec.layer, scores, run.visual[vis_local], run.pre))
+        if keep.dim() != 1 or (keep.numel() and (keep.min() < 0 or keep.max() >= vis_local.numel())):
+            raise RuntimeError(f"{self.strategy.name}.in_llm returned indices outside 0..{vis_local.numel() - 1}")
+        if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+            raise RuntimeError(f"{self.strategy.name}.in_llm must return sorted, unique indices")
+        if keep.numel() == 0:
+            raise RuntimeError(f"{self.strategy.name}.in_llm kept no visual token at layer {spec.layer}")
+        keep_mask = run.visual < 0  # text and separators always stay
+        keep_mask[vis_local[keep]] = True
+        keep_local = keep_mask.nonzero()[:, 0]
+        run.kept.append(run.visual[vis_local[keep]])
+        run.pending[spec.layer + 1] = (keep_local, spec.prune_past_kv)
+
+    # -- prefill and greedy decoding -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs_embeds: Tensor,
+        visual: Tensor,
+        pre: PreLLMOutput,
+        max_new_tokens: int = 16,
+        eos_token_ids: Sequence[int] = (),
+        return_logits: bool = False,
+    ) -> tuple[list[int], PrefillStats, list[Tensor]]:
+        """Prefill with pruning, then decode greedily.
+
+        Args:
+            inputs_embeds: ``[1, S, D]`` the whole prompt with the visual tokens spliced in.
+            visual: ``[S]`` long, index into ``pre.tokens`` of each position, -1 for text and separators.
+            pre: the pre-LLM output (for group-wise in-LLM stages).
+            max_new_tokens: most tokens to generate.
+            eos_token_ids: stop after generating one of these.
+            return_logits: also return the ``[V]`` fp32 logits of every generated token.
+
+        Returns:
+            Generated token ids, the :class:`PrefillStats`, and the logits (empty unless asked).
+        """
+        from transformers import DynamicCache
+
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
+            raise ValueError(f"batch size must be 1 (inputs_embeds [1, S, D]), got {tuple(inputs_embeds.shape)}")
+        seq = inputs_embeds.shape[1]
+        if visual.shape != (seq,):
+            raise ValueError(f"visual must be [S={seq}], got {tuple(visual.shape)}")
+        if self.specs and not bool((visual >= 0).any()):
+            raise ValueError("the prompt has no visual token to prune")
+        device = inputs_embeds.device
+        cache = DynamicCache(config=self.lm.config)
+        positions = torch.arange(seq, device=device)
+        self._run = _Run(pre, seq, positions, visual.to(device), [0] * self.num_layers, cache)
+        try:
+            t0 = _now(device)
+            out = self.lm(
+                inputs_embeds=inputs_embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
+            )
+            logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
+            token = int(logits.argmax())
+            t1 = _now(device)
+            run = self._run
+        finally:
+            self._run = None
+        stats = PrefillStats(seq, run.counts, prefill_s=t1 - t0, kept=run.kept)
+        stats.kv_len_per_layer = [int(layer.keys.shape[2]) for layer in cache.layers]
+        stats.kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        tokens, all_logits = [token], [logits] if return_logits else []
+        embed = self.lm.embed_tokens
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
+            step = torch.tensor([[tokens[-1]]], device=device)
+            pos = torch.tensor([[seq + len(tokens) - 1]], device=device)
+            out = self.lm(inputs_embeds=embed(step), position_ids=pos, past_key_values=cache, use_cache=True)
+            logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
+            tokens.append(int(logits.argmax()))
+            if return_logits:
+                all_logits.append(logits)
+        stats.decode_s = _now(device) - t1
+        stats.new_tokens = len(tokens)
+        return tokens, stats, all_logits
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
