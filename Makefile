@@ -4,21 +4,35 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup test lint format bench-prune clean
+.PHONY: help setup test lint format eval tables bench-prune clean
+
+# `make eval model=llava_ov prune=hieravid ratio=0.3` sets these make variables; they become Hydra overrides.
+EVAL_VARS := model prune benchmark ratio limit seed device threads paired_baseline logger max_new_tokens results_dir
+OVERRIDES := $(foreach v,$(EVAL_VARS),$(if $($(v)),$(v)=$($(v))))
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install vidprune with its dev tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "vidprune needs Python >= 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -c constraints.txt
+	@# lmms-eval pulls latex2sympy2 (math tasks only), which pins antlr4 4.7.2; Hydra's parser needs 4.9.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps antlr4-python3-runtime==4.9.3
+	@# lmms-eval also pulls torchvision; the registry's wheel is a CUDA build that breaks imports next to CPU torch.
+	$(PY) -c 'import torchvision' 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 test: setup  ## CPU test suite (GPU tests are skipped)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+eval: setup  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
+	$(PY) scripts/eval.py $(OVERRIDES) $(ARGS)
+
+tables: setup  ## rebuild results/tables/summary.{csv,md} from the records
+	$(PY) scripts/make_tables.py
 
 lint: setup  ## ruff lint + format check
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,96 @@
+"""Every config option composes; the tiny ones instantiate; bad choices fail with Hydra's list of options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from eval.backbones import BackboneUnavailable
+from eval.runner import compose_config, make_backbone, make_strategy
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_groups_have_the_required_options():
+    assert set(_options("model")) >= {
+        "llava_ov",
+        "llava_video",
+        "pllava",
+        "st_llm",
+        "tiny_llava_ov",
+        "tiny_llava_video",
+    }
+    assert set(_options("prune")) >= {"none", "fastv", "prunevid", "hieravid", "random", "pool"}
+    assert set(_options("benchmark")) >= {"mvbench", "videomme", "egoschema", "nextqa", "tiny"}
+
+
+@pytest.mark.parametrize("model", _options("model"))
+@pytest.mark.parametrize("prune", _options("prune"))
+def test_every_model_x_prune_composes_and_the_strategy_fits_the_llm(model, prune):
+    cfg = compose_config([f"model={model}", f"prune={prune}", "ratio=0.3"])
+    OmegaConf.resolve(cfg)
+    strategy = make_strategy(cfg)
+    layers = cfg.model.llm_layers
+    for spec in strategy.layer_specs:  # the specialisation group keeps every scoring layer inside the LLM
+        assert 0 <= spec.layer < layers - 1, (model, prune, spec.layer)
+    if prune == "hieravid":
+        assert strategy.num_layers == layers
+
+
+@pytest.mark.parametrize("benchmark", _options("benchmark"))
+def test_every_benchmark_composes(benchmark):
+    cfg = compose_config([f"benchmark={benchmark}"])
+    assert cfg.benchmark.name == benchmark and cfg.benchmark.mode in ("online", "offline")
+
+
+def test_the_design_card_override_syntax():
+    cfg = compose_config(["model=llava_ov", "prune=hieravid", "ratio=0.3"])
+    assert (cfg.model.name, cfg.prune.ratio, cfg.prune.num_layers) == ("llava_ov", 0.3, 28)
+    assert cfg.model.checkpoint == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+
+
+def test_defaults_are_the_embedded_tiny_setup():
+    cfg = compose_config([])
+    assert (cfg.model.name, cfg.benchmark.name, cfg.benchmark.mode) == ("tiny_llava_ov", "tiny", "offline")
+
+
+@pytest.mark.parametrize("model", ["tiny_llava_ov", "tiny_llava_video"])
+def test_tiny_models_instantiate_with_the_real_geometry(model):
+    backbone = make_backbone(compose_config([f"model={model}", "prune=fastv", "ratio=0.5"]))
+    assert backbone.adapter.grid == ((14, 14) if model == "tiny_llava_ov" else (13, 13))
+    assert backbone.num_frames == (32 if model == "tiny_llava_ov" else 64)
+    backbone.adapter.llm.remove()
+
+
+def test_unknown_option_lists_the_choices():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["prune=fastvv"])
+    message = str(err.value)
+    assert "fastvv" in message and "fastv" in message and "hieravid" in message
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.2"])
+def test_ratio_outside_the_range_is_a_clear_error(ratio):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        make_strategy(compose_config(["prune=fastv", f"ratio={ratio}"]))
+
+
+@pytest.mark.parametrize("model", ["llava_ov", "llava_video"])
+def test_real_models_without_weights_fail_fast_with_instructions(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneUnavailable, match="huggingface-cli download"):
+        make_backbone(compose_config([f"model={model}", "prune=hieravid", "ratio=0.3"]))
+
+
+@pytest.mark.parametrize("model", ["pllava", "st_llm"])
+def test_backbones_without_an_adapter_say_so(model):
+    with pytest.raises(BackboneUnavailable, match="no adapter yet"):
+        make_backbone(compose_config([f"model={model}"]))

@@ -1,0 +1,89 @@
+"""Sample log (incremental, resumable), record aggregation and the summary tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval.records import SampleLog, build_record, config_hash, percentile
+from eval.tables import COLUMNS, write_tables
+
+
+def test_sample_log_appends_and_resumes_only_the_same_config(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    log = SampleLog(path, "abc")
+    log.append({"task": "t", "doc_id": 0, "prediction": "A", "failed": False})
+    log.append({"task": "t", "doc_id": 1, "prediction": "B", "failed": False})
+    with path.open("a") as f:
+        f.write('{"task": "t", "doc_id": 2, "predic')  # a line cut by a kill
+    again = SampleLog(path, "abc")
+    assert set(again.done) == {("t", 0), ("t", 1)} and again.get("t", 1)["prediction"] == "B"
+    assert SampleLog(path, "other").done == {}  # a changed configuration never reuses stale answers
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = {"model": {"name": "m"}, "prune": {"ratio": 0.3}}
+    assert config_hash(a) == config_hash(json.loads(json.dumps(a)))
+    assert config_hash(a) != config_hash({"model": {"name": "m"}, "prune": {"ratio": 0.4}})
+
+
+def test_percentile():
+    assert percentile([], 90) is None
+    assert percentile([5.0], 90) == 5.0
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90) == pytest.approx(9.1)
+
+
+def _stats(pre, layers, ttft):
+    return {
+        "visual_in": 100,
+        "visual_pre_llm": pre,
+        "visual_per_layer": layers,
+        "kv_bytes": 1000,
+        "ttft_s": ttft,
+        "timings_s": {"vision": 0.1, "prefill": ttft - 0.1},
+        "peak_mem_bytes": None,
+    }
+
+
+def test_record_counts_failures_as_wrong_and_aggregates_tokens():
+    samples = [
+        {"task": "a", "score": 1.0, "failed": False, "parse_ok": True, "stats": _stats(50, [50, 50, 25, 25], 0.2)},
+        {"task": "a", "score": 0.0, "failed": False, "parse_ok": False, "stats": _stats(50, [50, 50, 25, 25], 0.4)},
+        {"task": "b", "score": 0.0, "failed": True, "parse_ok": False, "stats": None},
+    ]
+    rec = build_record(meta={"model": "m"}, samples=samples, llm_shape={"layers": 4}, flops=[(1.0, 4.0), (1.0, 4.0)])
+    assert rec["n_samples"] == 3 and rec["n_failed"] == 1 and rec["n_parse_failed"] == 1
+    assert rec["accuracy"] == pytest.approx(100 / 3)  # the failed sample stays in the denominator
+    assert rec["accuracy_by_task"] == {"a": 50.0, "b": 0.0}
+    assert rec["pre_llm_retained_pct"] == 50.0 and rec["layer_avg_retained_pct"] == 37.5
+    assert rec["flops_ratio"] == 0.25 and rec["ttft_ms_median"] == pytest.approx(300)
+    assert rec["peak_memory_kind"] == "process_peak_rss" and rec["peak_memory_bytes"] > 0
+
+
+def _write(root, prune, ratio, acc, ttft):
+    d = root / "runs" / "m" / "b" / prune / str(ratio)
+    d.mkdir(parents=True)
+    rec = {c: None for c in COLUMNS} | {
+        "model": "m",
+        "benchmark": "b",
+        "prune": prune,
+        "ratio": ratio,
+        "accuracy": acc,
+        "ttft_ms_median": ttft,
+    }
+    (d / "record.json").write_text(json.dumps(rec))
+
+
+def test_tables_pair_each_cell_with_none(tmp_path):
+    _write(tmp_path, "none", 1.0, 50.0, 200.0)
+    _write(tmp_path, "fastv", 0.3, 45.0, 100.0)
+    csv, md = write_tables(tmp_path)
+    text = csv.read_text().splitlines()
+    assert text[0].split(",")[: len(COLUMNS)] == COLUMNS
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    row = frame[frame.prune == "fastv"].iloc[0]
+    assert row.delta_accuracy == -5.0 and row.ttft_speedup == 2.0
+    assert "fastv" in md.read_text() and md.read_text().startswith("<!-- generated")
