@@ -23,20 +23,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from eval.records import cpu_name
 from prune.api import VideoTokens
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"pllava": (16, 12, 12, 4096, 32), "llava_ov": (32, 14, 14, 3584, 28)}  # T, H, W, D, LLM layers
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_video(t: int, h: int, w: int, d: int, seed: int, device: str) -> VideoTokens:
