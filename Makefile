@@ -29,7 +29,7 @@ test: setup  ## CPU test suite (GPU tests are skipped)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 eval: setup  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
-	$(PY) scripts/eval.py $(OVERRIDES) $(ARGS)
+	$(PY) scripts/run_eval.py $(OVERRIDES) $(ARGS)
 
 tables: setup  ## rebuild results/tables/summary.{csv,md} from the records
 	$(PY) scripts/make_tables.py

@@ -1,6 +1,6 @@
 """The Hydra runner: compose model × prune × benchmark, evaluate through lmms-eval, write the record and the tables.
 
-``python scripts/eval.py model=llava_ov prune=hieravid ratio=0.3 benchmark=videomme`` (``make eval`` passes its
+``python scripts/run_eval.py model=llava_ov prune=hieravid ratio=0.3 benchmark=videomme`` (``make eval`` passes its
 variables through). One run evaluates one cell, ``results/runs/<model>/<benchmark>/<prune>/<ratio>/``, and, unless
 ``paired_baseline=false``, first the ``none`` cell of the same model and benchmark on the same samples, so the
 table shows Δaccuracy and TTFT speed-up from one setup. Finished samples are never recomputed: both cells resume

@@ -152,7 +152,7 @@ def test_missing_weights_fail_fast_with_a_message(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "eval.py"),
+            str(REPO / "scripts" / "run_eval.py"),
             "model=llava_ov",
             "prune=hieravid",
             "ratio=0.3",

@@ -1,4 +1,4 @@
-"""The main job: ``python scripts/eval.py model=llava_ov prune=hieravid ratio=0.3`` (what ``make eval`` runs).
+"""The main job: ``python scripts/run_eval.py model=llava_ov prune=hieravid ratio=0.3`` (what ``make eval`` runs).
 
 Composes ``configs/eval.yaml``; see ``eval/runner.py``. Errors a user can fix (missing weights, an unknown option, a
 ratio outside (0, 1]) end with one line saying what is wrong and what to do, and exit code 2.
