@@ -118,14 +118,14 @@ def run_cell(cfg: DictConfig, tasks: list[str], include_path: str | None, baseli
     from eval.lmms_model import VidPruneLMM
 
     _seed_everything(int(cfg.seed), cfg.threads)
-    strategy_name = make_strategy(cfg).name
+    backbone = make_backbone(cfg)
+    strategy_name = backbone.adapter.strategy.name
     ratio_dir = "1.0" if strategy_name == "none" else f"{float(cfg.ratio):g}"
     run_dir = REPO / cfg.results_dir / "runs" / cfg.model.name / cfg.benchmark.name / strategy_name / ratio_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     env = environment("cuda" if _cuda(cfg.device) else "cpu")
     cell = _cell_config(cfg)
     log = SampleLog(run_dir / "samples.jsonl", config_hash(cell))
-    backbone = make_backbone(cfg)
     print(f"[vidprune] {cfg.model.name} × {strategy_name} (ratio {ratio_dir}) × {cfg.benchmark.name} -> {run_dir}")
     print(f"[vidprune] {len(log.done)} finished samples found in {log.path.name}; they are not recomputed")
     lmm = VidPruneLMM(backbone=backbone, sample_log=log, max_new_tokens=cfg.max_new_tokens)

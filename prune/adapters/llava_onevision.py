@@ -34,14 +34,13 @@ Shape legend: ``T`` frames, ``h x w`` pooled grid, ``D`` LLM hidden size, ``S`` 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.adapters.llm import PrefillStats, PrunedLM
+from prune.adapters.llm import PrefillStats, PrunedLM, synced_now
 from prune.api import PreLLMOutput, Strategy, VideoTokens
 
 __all__ = [
@@ -227,15 +226,15 @@ class LlavaOnevisionAdapter:
         device = self.model.device
         prefix, suffix = input_ids[:, : int(where[0])].to(device), input_ids[:, int(where[-1]) + 1 :].to(device)
 
-        t0 = _now(device)
+        t0 = synced_now(device)
         grid = self.video_grid(pixel_values_videos.to(device))
-        t1 = _now(device)
+        t1 = synced_now(device)
         embed = self.model.get_input_embeddings()
         text = embed(torch.cat([prefix, suffix], dim=1))[0]
         t, h, w, d = grid.shape
         pre = self.strategy.pre_llm(VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text))
         vis_tokens, vis_index = self.visual_sequence(pre, grid)
-        t2 = _now(device)
+        t2 = synced_now(device)
 
         embeds = torch.cat([embed(prefix)[0], vis_tokens.to(text.dtype), embed(suffix)[0]])[None]
         minus = vis_index.new_full((prefix.shape[1],), -1), vis_index.new_full((suffix.shape[1],), -1)
@@ -246,12 +245,6 @@ class LlavaOnevisionAdapter:
         timings = {"vision": t1 - t0, "pre_llm": t2 - t1, "prefill": stats.prefill_s, "decode": stats.decode_s}
         separators = int((vis_index < 0).sum())
         return Generation(tokens, t * h * w, pre.n, separators, stats, timings, logits)
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 # -- building and loading -------------------------------------------------------------------------------------------

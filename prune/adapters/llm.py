@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from prune.api import LayerInput, PreLLMOutput, Strategy
 from prune.attention import query_rows, visual_scores
 
-__all__ = ["PrefillStats", "PrunedLM", "SCORING_KERNELS", "register_scoring_kernels"]
+__all__ = ["PrefillStats", "PrunedLM", "SCORING_KERNELS", "register_scoring_kernels", "synced_now"]
 
 # Stock kernel name -> our wrapper's name. The mask function of the stock kernel is reused under the new name, or
 # create_causal_mask would not know how to build masks for it.
@@ -280,13 +280,13 @@ class PrunedLM:
         positions = torch.arange(seq, device=device)
         self._run = _Run(pre, seq, positions, visual.to(device), [0] * self.num_layers, cache)
         try:
-            t0 = _now(device)
+            t0 = synced_now(device)
             out = self.lm(
                 inputs_embeds=inputs_embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
             )
             logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
             token = int(logits.argmax())
-            t1 = _now(device)
+            t1 = synced_now(device)
             run = self._run
         finally:
             self._run = None
@@ -303,12 +303,13 @@ class PrunedLM:
             tokens.append(int(logits.argmax()))
             if return_logits:
                 all_logits.append(logits)
-        stats.decode_s = _now(device) - t1
+        stats.decode_s = synced_now(device) - t1
         stats.new_tokens = len(tokens)
         return tokens, stats, all_logits
 
 
-def _now(device: torch.device) -> float:
+def synced_now(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work has finished (CUDA is asynchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()

@@ -205,10 +205,15 @@ def segment_frames(
     """
     check_video(frames)
     _check_params(temporal_segment_ratio, k)
+    return _segment(frames, temporal_segment_ratio, k, _default_generator(generator))
+
+
+def _segment(frames: Tensor, temporal_segment_ratio: float, k: int, generator: torch.Generator) -> list[int]:
+    """:func:`segment_frames` on inputs already validated."""
     t = frames.shape[0]
     cluster_num = min(t, max(1, int(t * temporal_segment_ratio)))
     descriptors = frames.float().mean(dim=1)[None]  # [1, T, C]
-    labels = cluster_dpc_knn(descriptors, cluster_num, k, _default_generator(generator), exact=True)[0]
+    labels = cluster_dpc_knn(descriptors, cluster_num, k, generator, exact=True)[0]
     return _run_lengths(refine_clusters(labels.tolist()))
 
 
@@ -269,7 +274,7 @@ def merge_tokens(
     _check_params(temporal_segment_ratio, k, cluster_ratio, tau)
     gen = _default_generator(generator)
     t, p, c = frames.shape
-    windows = segment_frames(frames, temporal_segment_ratio, k, gen)
+    windows = _segment(frames, temporal_segment_ratio, k, gen)
     x = frames.float()
     pieces: list[Tensor] = []
     assignment = torch.empty(t, p, dtype=torch.long, device=frames.device)
