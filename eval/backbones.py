@@ -156,7 +156,6 @@ class Backbone:
                 text = text[: text.index(stop)]
         timings = {"video_decode": t1 - t0, "preprocess": t2 - t1, **gen.timings}
         ttft = sum(timings[k] for k in ("video_decode", "preprocess", "vision", "pre_llm", "prefill"))
-        t, h = self.num_frames, self.adapter.grid[0]
         stats = {
             "frames": self.num_frames,
             "frames_in_video": total,
@@ -164,7 +163,7 @@ class Backbone:
             "visual_in": gen.visual_in,
             "visual_pre_llm": gen.visual_pre_llm,
             "separators": gen.separators,
-            "separators_unpruned": 1 if self.adapter.layout.newline == "video" else t * h,
+            "separators_unpruned": self.adapter.separators_unpruned,
             "visual_per_layer": gen.llm.visual_per_layer,
             "kv_len_per_layer": gen.llm.kv_len_per_layer,
             "kv_bytes": gen.llm.kv_bytes,

@@ -34,13 +34,13 @@ Shape legend: ``T`` frames, ``h x w`` pooled grid, ``D`` LLM hidden size, ``S`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.adapters.llm import PrefillStats, PrunedLM, synced_now
+from prune.adapters.llm import Generation, PrunedLM, synced_now
 from prune.api import PreLLMOutput, Strategy, VideoTokens
 
 __all__ = [
@@ -80,29 +80,6 @@ LAYOUTS = {
 }
 
 
-@dataclass
-class Generation:
-    """One sample's output and the per-sample stats the harness records.
-
-    Attributes:
-        tokens: generated token ids (greedy).
-        visual_in: visual tokens of the unpruned grid (``T·h·w``; separators excluded).
-        visual_pre_llm: visual tokens entering the LLM.
-        separators: newline tokens in the visual span.
-        llm: prefill stats: visual tokens per layer, KV length and bytes after prefill, prefill and decode time.
-        timings: seconds per stage: ``vision`` (tower + projector + pooling), ``pre_llm``, ``prefill``, ``decode``.
-        logits: ``[V]`` logits of every generated token when asked for.
-    """
-
-    tokens: list[int]
-    visual_in: int
-    visual_pre_llm: int
-    separators: int
-    llm: PrefillStats
-    timings: dict[str, float]
-    logits: list[Tensor] = field(default_factory=list)
-
-
 class LlavaOnevisionAdapter:
     """Runs one ``LlavaOnevisionForConditionalGeneration`` with a pruning strategy, one video at a time.
 
@@ -126,6 +103,9 @@ class LlavaOnevisionAdapter:
         self.side = cfg.vision_config.image_size // cfg.vision_config.patch_size  # 27 for 384/14
         self.grid = (math.ceil(self.side / 2),) * 2 if layout.pool == "bilinear" else (self.side // 2,) * 2
         self.llm = PrunedLM(model.model.language_model, model.lm_head, strategy)
+        self.placeholder_id = cfg.video_token_id
+        t, h = self.num_frames, self.grid[0]
+        self.separators_unpruned = 1 if layout.newline == "video" else t * h
 
     # -- vision ----------------------------------------------------------------------------------------------------
 
@@ -244,7 +224,7 @@ class LlavaOnevisionAdapter:
         )
         timings = {"vision": t1 - t0, "pre_llm": t2 - t1, "prefill": stats.prefill_s, "decode": stats.decode_s}
         separators = int((vis_index < 0).sum())
-        return Generation(tokens, t * h * w, pre.n, separators, stats, timings, logits)
+        return Generation(tokens, t * h * w, pre.n, separators, stats, timings, logits, pre)
 
 
 # -- building and loading -------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from prune.api import LayerInput, PreLLMOutput, Strategy
 from prune.attention import query_rows, visual_scores
 
-__all__ = ["PrefillStats", "PrunedLM", "SCORING_KERNELS", "register_scoring_kernels", "synced_now"]
+__all__ = ["Generation", "PrefillStats", "PrunedLM", "SCORING_KERNELS", "register_scoring_kernels", "synced_now"]
 
 # Stock kernel name -> our wrapper's name. The mask function of the stock kernel is reused under the new name, or
 # create_causal_mask would not know how to build masks for it.
@@ -94,6 +94,32 @@ class PrefillStats:
     decode_s: float = 0.0
     new_tokens: int = 0
     kept: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """One sample's output and the per-sample stats the harness records.
+
+    Attributes:
+        tokens: generated token ids (greedy).
+        visual_in: visual tokens of the unpruned grid (``T·h·w``; separators excluded).
+        visual_pre_llm: visual tokens entering the LLM.
+        separators: newline tokens in the visual span.
+        llm: prefill stats: visual tokens per layer, KV length and bytes after prefill, prefill and decode time.
+        timings: seconds per stage: ``vision`` (tower + projector + pooling), ``pre_llm``, ``prefill``, ``decode``.
+        logits: ``[V]`` logits of every generated token when asked for.
+        pre: the pre-LLM output (its ``assignment`` maps every input token to its output token; with
+            ``llm.kept`` it tells which input tokens survive each stage, for pictures of the selection).
+    """
+
+    tokens: list[int]
+    visual_in: int
+    visual_pre_llm: int
+    separators: int
+    llm: PrefillStats
+    timings: dict[str, float]
+    logits: list[Tensor] = field(default_factory=list)
+    pre: PreLLMOutput | None = None
 
 
 @dataclass
