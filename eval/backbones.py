@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prune.adapters import VideoAdapter
 from prune.adapters.llava_onevision import LlavaOnevisionAdapter
 from prune.adapters.preprocess import preprocess_video, sample_frame_indices
 from prune.api import Strategy
@@ -107,27 +108,71 @@ def load_frames(path: str, num_frames: int) -> tuple[Any, int]:
 
 
 @dataclass
+class Prepared:
+    """One sample's model inputs, before the adapter runs.
+
+    Attributes:
+        input_ids: ``[1, S]`` prompt ids with the adapter's placeholder.
+        pixels: ``[1, T, 3, H, W]`` preprocessed frames.
+        inputs: extra model inputs (ST-LLM: Q-Former question ids).
+        frames: ``[T, H0, W0, 3]`` uint8 sampled frames as decoded (for pictures).
+        frames_in_video: the video's own frame count.
+        timings: seconds of ``video_decode`` and ``preprocess``.
+    """
+
+    input_ids: torch.Tensor
+    pixels: torch.Tensor
+    inputs: dict[str, Any]
+    frames: Any
+    frames_in_video: int
+    timings: dict[str, float]
+
+
+@dataclass
 class Backbone:
-    """One loaded model with a strategy installed, answering one (video, prompt) at a time."""
+    """One loaded model with a strategy installed, answering one (video, prompt) at a time.
+
+    Attributes:
+        name: the model config's name.
+        adapter: the family's :class:`~prune.adapters.VideoAdapter`.
+        tokenizer: ``encode``/``decode``/``eos_token_ids``.
+        num_frames: frames sampled per video.
+        device: where the model runs.
+        preprocess: ``[T, H, W, 3]`` uint8 frames to ``[1, T, 3, h, w]`` model pixels (the family's transform).
+        prompt: ``(backbone, context)`` to ``([1, S]`` prompt ids, extra model inputs).
+    """
 
     name: str
-    adapter: LlavaOnevisionAdapter
+    adapter: VideoAdapter
     tokenizer: Any
     num_frames: int
     device: torch.device
+    preprocess: Callable[[Any], torch.Tensor] = preprocess_video
+    prompt: Callable[[Backbone, str], tuple[torch.Tensor, dict[str, Any]]] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.prompt is None:
+            self.prompt = qwen_prompt
 
     @property
     def llm_shape(self) -> dict[str, int]:
         """LLM dimensions for FLOPs: layers, hidden size, MLP size."""
-        text = self.adapter.model.config.text_config
+        text = self.adapter.llm.lm.config
         return {"layers": text.num_hidden_layers, "hidden": text.hidden_size, "ffn": text.intermediate_size}
 
     def prompt_ids(self, context: str) -> torch.Tensor:
-        """Qwen chat prompt (lmms-eval's ``qwen_1_5`` template) with one ``<video>`` placeholder before the text."""
-        video_id = self.adapter.model.config.video_token_id
-        prefix = self.tokenizer.encode(QWEN_SYSTEM)
-        suffix = self.tokenizer.encode("\n" + context + QWEN_ASSISTANT)
-        return torch.tensor([prefix + [video_id] + suffix])
+        """The family's chat prompt around ``context`` with one placeholder, as ``[1, S]`` ids."""
+        return self.prompt(self, context)[0]
+
+    def prepare(self, video: str, context: str) -> Prepared:
+        """Decode, sample and preprocess ``video`` and build the prompt for ``context``."""
+        t0 = time.perf_counter()
+        frames, total = load_frames(video, self.num_frames)
+        t1 = time.perf_counter()
+        pixels = self.preprocess(frames)
+        t2 = time.perf_counter()
+        ids, inputs = self.prompt(self, context)
+        return Prepared(ids, pixels, inputs, frames, total, {"video_decode": t1 - t0, "preprocess": t2 - t1})
 
     def answer(self, video: str, context: str, gen_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Answer ``context`` about ``video`` greedily.
@@ -140,26 +185,27 @@ class Backbone:
         Returns:
             The answer text and the per-sample stats.
         """
-        t0 = time.perf_counter()
-        frames, total = load_frames(video, self.num_frames)
-        t1 = time.perf_counter()
-        pixels = preprocess_video(frames)
-        t2 = time.perf_counter()
-        ids = self.prompt_ids(context)
+        sample = self.prepare(video, context)
         max_new = int(gen_kwargs.get("max_new_tokens") or 16)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        gen = self.adapter.generate(ids, pixels, max_new_tokens=max_new, eos_token_ids=self.tokenizer.eos_token_ids)
+        gen = self.adapter.generate(
+            sample.input_ids,
+            sample.pixels,
+            max_new_tokens=max_new,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            **sample.inputs,
+        )
         text = self.tokenizer.decode(gen.tokens)
         for stop in gen_kwargs.get("until") or []:
             if stop and stop in text:
                 text = text[: text.index(stop)]
-        timings = {"video_decode": t1 - t0, "preprocess": t2 - t1, **gen.timings}
+        timings = {**sample.timings, **gen.timings}
         ttft = sum(timings[k] for k in ("video_decode", "preprocess", "vision", "pre_llm", "prefill"))
         stats = {
             "frames": self.num_frames,
-            "frames_in_video": total,
-            "text_tokens": int(ids.shape[1]) - 1,
+            "frames_in_video": sample.frames_in_video,
+            "text_tokens": int((sample.input_ids != self.adapter.placeholder_id).sum()),
             "visual_in": gen.visual_in,
             "visual_pre_llm": gen.visual_pre_llm,
             "separators": gen.separators,
@@ -173,6 +219,13 @@ class Backbone:
             "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         }
         return text, stats
+
+
+def qwen_prompt(backbone: Backbone, context: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Qwen chat prompt (lmms-eval's ``qwen_1_5`` template) with one ``<video>`` placeholder before the text."""
+    prefix = backbone.tokenizer.encode(QWEN_SYSTEM)
+    suffix = backbone.tokenizer.encode("\n" + context + QWEN_ASSISTANT)
+    return torch.tensor([prefix + [backbone.adapter.placeholder_id] + suffix]), {}
 
 
 def _dtype(name: str) -> torch.dtype:
