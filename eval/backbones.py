@@ -7,8 +7,9 @@ with the per-sample stats the records need. Model surgery stays in ``prune/adapt
 
 from __future__ import annotations
 
-import math
+import functools
 import os
+import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from prune.adapters import VideoAdapter
 from prune.adapters.llava_onevision import LlavaOnevisionAdapter
 from prune.adapters.preprocess import preprocess_video, sample_frame_indices
 from prune.api import Strategy
+from prune.flops import LLMShape
 
 __all__ = ["Backbone", "BackboneUnavailable", "ByteTokenizer", "build_backbone", "load_frames"]
 
@@ -149,16 +151,26 @@ class Backbone:
     device: torch.device
     preprocess: Callable[[Any], torch.Tensor] = preprocess_video
     prompt: Callable[[Backbone, str], tuple[torch.Tensor, dict[str, Any]]] = field(default=None)  # type: ignore[assignment]
+    warm: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt is None:
             self.prompt = qwen_prompt
 
     @property
-    def llm_shape(self) -> dict[str, int]:
-        """LLM dimensions for FLOPs: layers, hidden size, MLP size."""
-        text = self.adapter.llm.lm.config
-        return {"layers": text.num_hidden_layers, "hidden": text.hidden_size, "ffn": text.intermediate_size}
+    def llm_shape(self) -> LLMShape:
+        """LLM dimensions for FLOPs (:mod:`prune.flops`)."""
+        c = self.adapter.llm.lm.config
+        heads = c.num_attention_heads
+        return LLMShape(
+            layers=c.num_hidden_layers,
+            hidden=c.hidden_size,
+            ffn=c.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            vocab=c.vocab_size,
+        )
 
     def prompt_ids(self, context: str) -> torch.Tensor:
         """The family's chat prompt around ``context`` with one placeholder, as ``[1, S]`` ids."""
@@ -187,21 +199,28 @@ class Backbone:
         """
         sample = self.prepare(video, context)
         max_new = int(gen_kwargs.get("max_new_tokens") or 16)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        gen = self.adapter.generate(
+        run = functools.partial(
+            self.adapter.generate,
             sample.input_ids,
             sample.pixels,
-            max_new_tokens=max_new,
             eos_token_ids=self.tokenizer.eos_token_ids,
             **sample.inputs,
         )
+        if not self.warm:
+            # Warm-up, untimed: the first call of a process pays for kernel selection, allocator growth and lazy
+            # initialisation; every recorded sample is measured warm.
+            run(max_new_tokens=2)
+            self.warm = True
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        gen = run(max_new_tokens=max_new)
         text = self.tokenizer.decode(gen.tokens)
         for stop in gen_kwargs.get("until") or []:
             if stop and stop in text:
                 text = text[: text.index(stop)]
         timings = {**sample.timings, **gen.timings}
         ttft = sum(timings[k] for k in ("video_decode", "preprocess", "vision", "pre_llm", "prefill"))
+        steps = gen.llm.new_tokens - 1  # the first token comes from the prefill
         stats = {
             "frames": self.num_frames,
             "frames_in_video": sample.frames_in_video,
@@ -211,12 +230,18 @@ class Backbone:
             "separators": gen.separators,
             "separators_unpruned": self.adapter.separators_unpruned,
             "visual_per_layer": gen.llm.visual_per_layer,
+            "tokens_per_layer": gen.llm.tokens_per_layer,
+            "scoring": [list(s) for s in gen.llm.scoring],
             "kv_len_per_layer": gen.llm.kv_len_per_layer,
             "kv_bytes": gen.llm.kv_bytes,
             "new_tokens": gen.llm.new_tokens,
             "timings_s": timings,
             "ttft_s": ttft,
+            "decode_s_per_token": timings["decode"] / steps if steps > 0 else None,
+            # GPU: torch.cuda.max_memory_allocated over this sample's generate (reset above). CPU: the process's peak
+            # resident set so far (it never decreases, so it bounds this sample's peak from above).
             "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+            "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         return text, stats
 
@@ -295,13 +320,28 @@ def build_backbone(cfg: Mapping[str, Any], strategy: Strategy, device: str = "au
     return Backbone(cfg["name"], adapter, tokenizer, int(cfg["num_frames"]), dev)
 
 
-def flops_of(stats: Mapping[str, Any], shape: Mapping[str, int]) -> tuple[float, float]:
-    """Prefill FLOPs of one sample as run and unpruned, from the logged per-layer counts (``prune.flops``)."""
-    from prune.flops import prefill_flops, tokens_per_layer
+def flops_of(stats: Mapping[str, Any], shape: LLMShape) -> dict[str, float]:
+    """FLOPs of one sample from its logged per-layer token counts (:mod:`prune.flops`).
 
-    text = stats["text_tokens"] + stats["separators"]
-    pruned = prefill_flops(tokens_per_layer(stats["visual_per_layer"], text), shape["hidden"], shape["ffn"])
+    Returns:
+        ``prefill``/``prefill_full``: the papers' convention (FastV) as run and unpruned, for ``flops_ratio``;
+        ``prefill_exact``/``prefill_exact_full``: executed FLOPs (GQA, SwiGLU, LM head) as run and unpruned, the run
+        including the scoring rows of the in-LLM stages (``scoring``); ``decode_exact``: the decode steps as run.
+    """
+    from prune.flops import exact_decode_flops, exact_prefill_flops, prefill_flops, tokens_per_layer
+
+    per_layer = stats.get("tokens_per_layer") or tokens_per_layer(
+        stats["visual_per_layer"], stats["text_tokens"] + stats["separators"]
+    )
     full_n = stats["text_tokens"] + stats["separators_unpruned"] + stats["visual_in"]
-    full = prefill_flops([full_n] * shape["layers"], shape["hidden"], shape["ffn"])
-    assert math.isfinite(pruned) and full > 0
-    return pruned, full
+    full = [full_n] * shape.layers
+    scoring = [tuple(s) for s in stats.get("scoring", [])]
+    prefill_exact = exact_prefill_flops(per_layer, shape, scoring)
+    return {
+        "prefill": prefill_flops(per_layer, shape.hidden, shape.ffn),
+        "prefill_full": prefill_flops(full, shape.hidden, shape.ffn),
+        "prefill_exact": prefill_exact,
+        "prefill_exact_full": exact_prefill_flops(full, shape),
+        "scoring": prefill_exact - exact_prefill_flops(per_layer, shape),
+        "decode_exact": exact_decode_flops(stats["kv_len_per_layer"], shape, stats["new_tokens"]),
+    }

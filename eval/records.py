@@ -13,11 +13,10 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -130,6 +129,8 @@ def environment(device: str) -> dict[str, Any]:
         **_git(),
         "device": device,
         "machine": machine,
+        "threads": torch.get_num_threads(),
+        "timer": "cuda_events" if device == "cuda" else "perf_counter",
     }
 
 
@@ -142,7 +143,7 @@ def build_record(
     meta: Mapping[str, Any],
     samples: list[dict[str, Any]],
     llm_shape: Mapping[str, int],
-    flops: list[tuple[float, float]],
+    flops: list[Mapping[str, float]],
 ) -> dict[str, Any]:
     """Aggregate one cell's scored samples into ``record.json``.
 
@@ -150,12 +151,13 @@ def build_record(
         meta: model, prune, ratio, benchmark, seed, config, environment.
         samples: one dict per sample with ``task``, ``score`` (0/1, 0 when failed), ``failed``, ``parse_ok`` and the
             generation ``stats`` (absent for failed samples).
-        llm_shape: layers, hidden and ffn of the LLM (for the record).
-        flops: per successful sample, (prefill FLOPs as run, unpruned prefill FLOPs).
+        llm_shape: the LLM's dimensions (for the record).
+        flops: per successful sample, :func:`eval.backbones.flops_of`'s dict.
 
     Returns:
-        The record: accuracy over all samples (failed ones count as wrong), per-task accuracy, token, FLOPs, TTFT and
-        memory statistics.
+        The record: accuracy over all samples (failed ones count as wrong), per-task accuracy, token, FLOPs, TTFT,
+        decode and memory statistics. Times are medians over samples; every sample is timed warm (the backbone runs
+        one untimed generate first).
     """
     ok = [s for s in samples if not s["failed"]]
     stats = [s["stats"] for s in ok]
@@ -170,7 +172,15 @@ def build_record(
     pre = [st["visual_pre_llm"] / st["visual_in"] for st in stats]
     layer_avg = [sum(st["visual_per_layer"]) / (len(st["visual_per_layer"]) * st["visual_in"]) for st in stats]
     peaks = [st["peak_mem_bytes"] for st in stats if st.get("peak_mem_bytes") is not None]
-    pruned_flops, full_flops = sum(f[0] for f in flops), sum(f[1] for f in flops)
+    rss = [st["rss_peak_bytes"] for st in stats if st.get("rss_peak_bytes") is not None]
+
+    def total(key: str) -> float:
+        return sum(f[key] for f in flops)
+
+    def mean_t(key: str) -> float | None:
+        return total(key) / len(flops) / 1e12 if flops else None
+
+    decode = [1000 * st["decode_s_per_token"] for st in stats if st.get("decode_s_per_token") is not None]
     return {
         "record_version": RECORD_VERSION,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -183,15 +193,21 @@ def build_record(
         "visual_tokens_in": _median([st["visual_in"] for st in stats]),
         "pre_llm_retained_pct": 100 * statistics.mean(pre) if pre else None,
         "layer_avg_retained_pct": 100 * statistics.mean(layer_avg) if layer_avg else None,
-        "prefill_tflops": pruned_flops / len(flops) / 1e12 if flops else None,
-        "flops_ratio": pruned_flops / full_flops if full_flops else None,
+        # FLOPs: the papers' convention (FastV) for the ratio the tables show; executed FLOPs next to it.
+        "prefill_tflops": mean_t("prefill"),
+        "flops_ratio": total("prefill") / total("prefill_full") if flops else None,
+        "prefill_exact_tflops": mean_t("prefill_exact"),
+        "flops_ratio_exact": total("prefill_exact") / total("prefill_exact_full") if flops else None,
+        "scoring_gflops": 1000 * mean_t("scoring") if flops else None,
+        "decode_exact_tflops": mean_t("decode_exact"),
         "ttft_ms_median": _median(ttft_ms),
         "ttft_ms_p90": percentile(ttft_ms, 90),
         "stage_ms_median": stage_ms,
+        "decode_ms_per_token_median": _median(decode),
         "kv_cache_bytes_median": _median([st["kv_bytes"] for st in stats]),
-        # GPU: the largest torch.cuda.max_memory_allocated over samples (reset per sample). CPU: the process's peak
-        # resident set, which only grows over a process (issue "efficiency" refines CPU memory).
-        "peak_memory_bytes": max(peaks) if peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # GPU: the largest torch.cuda.max_memory_allocated over samples (reset before each sample's generate).
+        # CPU: the process's peak resident set (it only grows over a process) next to the KV-cache bytes above.
+        "peak_memory_bytes": max(peaks) if peaks else (max(rss) if rss else None),
         "peak_memory_kind": "cuda_max_allocated" if peaks else "process_peak_rss",
-        "llm_shape": dict(llm_shape),
+        "llm_shape": dict(llm_shape) if isinstance(llm_shape, Mapping) else asdict(llm_shape),
     }

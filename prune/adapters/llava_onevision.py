@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.adapters.llm import Generation, PrunedLM, synced_now
+from prune.adapters.llm import Generation, PrunedLM, StageClock
 from prune.api import PreLLMOutput, Strategy, VideoTokens
 
 __all__ = [
@@ -206,23 +206,24 @@ class LlavaOnevisionAdapter:
         device = self.model.device
         prefix, suffix = input_ids[:, : int(where[0])].to(device), input_ids[:, int(where[-1]) + 1 :].to(device)
 
-        t0 = synced_now(device)
+        clock = StageClock(device)
+        clock.start()
         grid = self.video_grid(pixel_values_videos.to(device))
-        t1 = synced_now(device)
+        clock.mark("vision")
         embed = self.model.get_input_embeddings()
         text = embed(torch.cat([prefix, suffix], dim=1))[0]
         t, h, w, d = grid.shape
         pre = self.strategy.pre_llm(VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text))
         vis_tokens, vis_index = self.visual_sequence(pre, grid)
-        t2 = synced_now(device)
+        clock.mark("pre_llm")
 
         embeds = torch.cat([embed(prefix)[0], vis_tokens.to(text.dtype), embed(suffix)[0]])[None]
         minus = vis_index.new_full((prefix.shape[1],), -1), vis_index.new_full((suffix.shape[1],), -1)
         visual = torch.cat([minus[0], vis_index, minus[1]])
         tokens, stats, logits = self.llm.generate(
-            embeds, visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits
+            embeds, visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits, clock=clock
         )
-        timings = {"vision": t1 - t0, "pre_llm": t2 - t1, "prefill": stats.prefill_s, "decode": stats.decode_s}
+        timings = clock.seconds()
         separators = int((vis_index < 0).sum())
         return Generation(tokens, t * h * w, pre.n, separators, stats, timings, logits, pre)
 

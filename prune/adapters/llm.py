@@ -33,7 +33,15 @@ from torch import Tensor, nn
 from prune.api import LayerInput, PreLLMOutput, Strategy
 from prune.attention import query_rows, visual_scores
 
-__all__ = ["Generation", "PrefillStats", "PrunedLM", "SCORING_KERNELS", "register_scoring_kernels", "synced_now"]
+__all__ = [
+    "Generation",
+    "PrefillStats",
+    "PrunedLM",
+    "SCORING_KERNELS",
+    "StageClock",
+    "register_scoring_kernels",
+    "synced_now",
+]
 
 # Stock kernel name -> our wrapper's name. The mask function of the stock kernel is reused under the new name, or
 # create_causal_mask would not know how to build masks for it.
@@ -84,6 +92,9 @@ class PrefillStats:
         decode_s: wall time of the decode steps.
         new_tokens: tokens generated.
         kept: for each in-LLM stage, ``[k]`` indices into ``PreLLMOutput.tokens`` of the survivors.
+        tokens_per_layer: whole sequence length (text + separators + visual) each layer processed.
+        scoring: per in-LLM stage, ``(query rows, keys, reprojected)`` of the extra scoring work
+            (:func:`prune.flops.scoring_flops`).
     """
 
     seq_len: int
@@ -94,6 +105,8 @@ class PrefillStats:
     decode_s: float = 0.0
     new_tokens: int = 0
     kept: list[Tensor] = field(default_factory=list)
+    tokens_per_layer: list[int] = field(default_factory=list)
+    scoring: list[tuple[int, int, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -132,6 +145,8 @@ class _Run:
     visual: Tensor  # [S_cur] long: index into pre.tokens of each current token, -1 for text and separators
     counts: list[int]
     cache: object
+    lengths: list[int] = field(default_factory=list)
+    scoring: list[tuple[int, int, bool]] = field(default_factory=list)
     pending: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # layer -> (keep_local, prune_past_kv)
     layer_pos: dict[int, Tensor] = field(default_factory=dict)  # original positions cached by each layer
     attn_input: Tensor | None = None
@@ -212,6 +227,7 @@ class PrunedLM:
                 if prune_past:
                     self._prune_past_kv(run, i)
             run.counts[i] = int((run.visual >= 0).sum())
+            run.lengths[i] = int(run.cur.numel())
             run.layer_pos[i] = run.cur
             if run.cur.numel() != run.seq_len:  # slice everything that is still indexed by original position
                 cos, sin = kwargs["position_embeddings"]
@@ -253,6 +269,8 @@ class PrunedLM:
             q = module.q_proj(x[q_start:]).view(seq - q_start, -1, hd).transpose(0, 1)
             k = module.k_proj(x).view(seq, -1, hd).transpose(0, 1)
         span = visual_scores(q, k, start, end, spec, scale=module.scaling, q_start=q_start)
+        row_start, row_end = query_rows(spec, seq, end)
+        run.scoring.append((row_end - row_start, seq, not spec.rope))
         scores = span[vis_local - start]
         keep = self.strategy.in_llm(LayerInput(spec.layer, scores, run.visual[vis_local], run.pre))
         if keep.dim() != 1 or (keep.numel() and (keep.min() < 0 or keep.max() >= vis_local.numel())):
@@ -278,6 +296,7 @@ class PrunedLM:
         max_new_tokens: int = 16,
         eos_token_ids: Sequence[int] = (),
         return_logits: bool = False,
+        clock: StageClock | None = None,
     ) -> tuple[list[int], PrefillStats, list[Tensor]]:
         """Prefill with pruning, then decode greedily.
 
@@ -288,6 +307,8 @@ class PrunedLM:
             max_new_tokens: most tokens to generate.
             eos_token_ids: stop after generating one of these.
             return_logits: also return the ``[V]`` fp32 logits of every generated token.
+            clock: marks ``prefill`` and ``decode`` on the caller's clock (a fresh one when ``None``); the stats'
+                ``prefill_s`` and ``decode_s`` are read from it.
 
         Returns:
             Generated token ids, the :class:`PrefillStats`, and the logits (empty unless asked).
@@ -302,21 +323,22 @@ class PrunedLM:
         if self.specs and not bool((visual >= 0).any()):
             raise ValueError("the prompt has no visual token to prune")
         device = inputs_embeds.device
+        clock = clock or StageClock(device)
         cache = DynamicCache(config=self.lm.config)
         positions = torch.arange(seq, device=device)
-        self._run = _Run(pre, seq, positions, visual.to(device), [0] * self.num_layers, cache)
+        run = _Run(pre, seq, positions, visual.to(device), [0] * self.num_layers, cache, [0] * self.num_layers)
+        self._run = run
         try:
-            t0 = synced_now(device)
+            clock.start()
             out = self.lm(
                 inputs_embeds=inputs_embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
             )
             logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
+            clock.mark("prefill")  # recorded before the argmax syncs: the first token's logits exist here
             token = int(logits.argmax())
-            t1 = synced_now(device)
-            run = self._run
         finally:
             self._run = None
-        stats = PrefillStats(seq, run.counts, prefill_s=t1 - t0, kept=run.kept)
+        stats = PrefillStats(seq, run.counts, kept=run.kept, tokens_per_layer=run.lengths, scoring=run.scoring)
         stats.kv_len_per_layer = [int(layer.keys.shape[2]) for layer in cache.layers]
         stats.kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         tokens, all_logits = [token], [logits] if return_logits else []
@@ -329,9 +351,51 @@ class PrunedLM:
             tokens.append(int(logits.argmax()))
             if return_logits:
                 all_logits.append(logits)
-        stats.decode_s = synced_now(device) - t1
+        clock.mark("decode")
+        times = clock.seconds()
+        stats.prefill_s, stats.decode_s = times["prefill"], times["decode"]
         stats.new_tokens = len(tokens)
         return tokens, stats, all_logits
+
+
+class StageClock:
+    """Durations of consecutive stages of one sample: CUDA events on a GPU, ``time.perf_counter`` on the CPU.
+
+    ``start()`` opens the clock (once; later calls are ignored); ``mark(name)`` closes the stage ``name`` that began
+    at the previous mark. On CUDA the events are recorded on the current stream and read only in :meth:`seconds`,
+    which synchronises once, so timing adds no synchronisation between stages.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        """Open the clock (no-op when already open)."""
+        if not self._marks:
+            self._marks.append(("", self._now()))
+
+    def mark(self, name: str) -> None:
+        """Close stage ``name`` (it began at the previous mark or at :meth:`start`)."""
+        if not self._marks:
+            raise RuntimeError("StageClock.mark before start()")
+        self._marks.append((name, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage, in order of the marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self._marks, self._marks[1:], strict=False):
+            out[name] = a.elapsed_time(b) / 1000 if self.cuda else b - a
+        return out
 
 
 def synced_now(device: torch.device) -> float:

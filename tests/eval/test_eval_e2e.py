@@ -62,6 +62,11 @@ def test_paired_run_writes_both_records_and_the_tables(bundle, tmp_path):
         "layer_avg_retained_pct",
         "prefill_tflops",
         "flops_ratio",
+        "prefill_exact_tflops",
+        "flops_ratio_exact",
+        "scoring_gflops",
+        "decode_exact_tflops",
+        "decode_ms_per_token_median",
         "ttft_ms_median",
         "ttft_ms_p90",
         "peak_memory_bytes",
@@ -76,6 +81,12 @@ def test_paired_run_writes_both_records_and_the_tables(bundle, tmp_path):
     assert record["n_samples"] == 5  # limit=1 per task: 2 MVBench subtasks + 3 benchmarks
     assert abs(record["layer_avg_retained_pct"] - 30.0) < 0.3  # HieraVid's ratio is the layer average
     assert record["flops_ratio"] < 0.5 and record["baseline"]["ttft_speedup"] is not None
+    stages = ("video_decode", "preprocess", "vision", "pre_llm", "prefill", "decode")
+    assert set(record["stage_ms_median"]) == set(stages) and record["scoring_gflops"] > 0
+    assert record["timer"] == "perf_counter" and record["threads"] >= 1
+    sample = json.loads((Path(record["_path"]).parent / "samples.jsonl").read_text().splitlines()[0])["stats"]
+    ttft_stages = sum(sample["timings_s"][k] for k in stages[:-1])
+    assert sample["ttft_s"] == pytest.approx(ttft_stages) and sample["kv_bytes"] > 0 and sample["rss_peak_bytes"] > 0
     table = (tmp_path / "results" / "tables" / "summary.md").read_text()
     assert "hieravid" in table and "none" in table
     assert (Path(record["_path"]).parent / "config.yaml").exists()

@@ -41,8 +41,10 @@ def _stats(pre, layers, ttft):
         "visual_per_layer": layers,
         "kv_bytes": 1000,
         "ttft_s": ttft,
-        "timings_s": {"vision": 0.1, "prefill": ttft - 0.1},
+        "timings_s": {"vision": 0.1, "prefill": ttft - 0.1, "decode": 0.03},
+        "decode_s_per_token": 0.01,
         "peak_mem_bytes": None,
+        "rss_peak_bytes": 5_000_000,
     }
 
 
@@ -52,13 +54,18 @@ def test_record_counts_failures_as_wrong_and_aggregates_tokens():
         {"task": "a", "score": 0.0, "failed": False, "parse_ok": False, "stats": _stats(50, [50, 50, 25, 25], 0.4)},
         {"task": "b", "score": 0.0, "failed": True, "parse_ok": False, "stats": None},
     ]
-    rec = build_record(meta={"model": "m"}, samples=samples, llm_shape={"layers": 4}, flops=[(1.0, 4.0), (1.0, 4.0)])
+    f = {"prefill": 1.0, "prefill_full": 4.0, "prefill_exact": 2.0, "prefill_exact_full": 10.0, "scoring": 0.5}
+    flops = [{**f, "decode_exact": 3.0}, {**f, "decode_exact": 1.0}]
+    rec = build_record(meta={"model": "m"}, samples=samples, llm_shape={"layers": 4}, flops=flops)
     assert rec["n_samples"] == 3 and rec["n_failed"] == 1 and rec["n_parse_failed"] == 1
     assert rec["accuracy"] == pytest.approx(100 / 3)  # the failed sample stays in the denominator
     assert rec["accuracy_by_task"] == {"a": 50.0, "b": 0.0}
     assert rec["pre_llm_retained_pct"] == 50.0 and rec["layer_avg_retained_pct"] == 37.5
     assert rec["flops_ratio"] == 0.25 and rec["ttft_ms_median"] == pytest.approx(300)
-    assert rec["peak_memory_kind"] == "process_peak_rss" and rec["peak_memory_bytes"] > 0
+    assert rec["flops_ratio_exact"] == 0.2 and rec["decode_exact_tflops"] == pytest.approx(2e-12)
+    assert rec["scoring_gflops"] == pytest.approx(0.5e-9) and rec["decode_ms_per_token_median"] == pytest.approx(10)
+    assert rec["stage_ms_median"] == {"vision": pytest.approx(100), "prefill": pytest.approx(200), "decode": 30}
+    assert rec["peak_memory_kind"] == "process_peak_rss" and rec["peak_memory_bytes"] == 5_000_000
 
 
 def _write(root, prune, ratio, acc, ttft):
