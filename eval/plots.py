@@ -1,0 +1,163 @@
+"""Sweep plots from the summary table: accuracy and TTFT speed-up against the retained ratio, one line per method.
+
+:func:`plot_sweep` writes two figures, each as PNG and SVG:
+
+* ``<stem>_accuracy``: accuracy (%) against ``ratio``, with the ``none`` cell as a dashed horizontal reference line
+  (and a marker at its own ratio, 1.0);
+* ``<stem>_ttft_speedup``: TTFT speed-up over ``none`` against ``ratio``, with the reference line at 1×.
+
+Layout: one figure per metric, one subplot per (model, benchmark), rows = models, columns = benchmarks, sharing one
+legend. One file per metric rather than per benchmark keeps a sweep's picture in one place, and subplots of one
+figure share the method colours. Output is byte-for-byte reproducible: the Agg backend, a fixed ``svg.hashsalt``, no
+dates in the metadata, and text written as SVG ``<text>`` (searchable, testable) rather than glyph paths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["METRICS", "REQUIRED_COLUMNS", "figure_size", "plot_sweep"]
+
+REQUIRED_COLUMNS = ("model", "benchmark", "prune", "ratio", "accuracy", "ttft_speedup")
+METRICS = {"accuracy": "accuracy (%)", "ttft_speedup": "TTFT speed-up over none (×)"}
+"""Plotted columns and their axis labels; one figure each."""
+X_LABELS = {
+    "ratio": "retained ratio (each method's ratio knob)",
+    "flops_ratio": "prefill FLOPs ratio",
+    "pre_llm_retained_pct": "visual tokens entering the LLM (%)",
+    "layer_avg_retained_pct": "layer-averaged visual tokens (%)",
+}
+PANEL_IN = (4.0, 3.0)  # width, height of one subplot in inches
+LEGEND_IN = 0.6  # height of the legend strip under the panels
+DPI = 100
+# Fixed colours per method so a method keeps its colour across figures and runs; unknown ones take the rest in order.
+COLOURS = {
+    "prunevid": "tab:blue",
+    "hieravid": "tab:orange",
+    "fastv": "tab:green",
+    "random": "tab:gray",
+    "pool": "tab:purple",
+}
+SPARE_COLOURS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+RC = {
+    "svg.hashsalt": "vidprune",  # fixed ids in the SVG, not random ones
+    "svg.fonttype": "none",  # text as <text> elements
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
+
+
+def figure_size(n_rows: int, n_cols: int, dpi: int = DPI) -> tuple[int, int]:
+    """Pixel size ``(width, height)`` of a saved PNG with ``n_rows`` models × ``n_cols`` benchmarks."""
+    width, height = PANEL_IN[0] * n_cols, PANEL_IN[1] * n_rows + LEGEND_IN
+    return round(width * dpi), round(height * dpi)
+
+
+def _check(df: pd.DataFrame, x: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"plot_sweep needs a pandas DataFrame, got {type(df).__name__}")
+    needed = [*REQUIRED_COLUMNS, x] if x not in REQUIRED_COLUMNS else list(REQUIRED_COLUMNS)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"plot_sweep: missing column(s) {missing}; needs {needed} (optional: ci_low, ci_high)")
+    if ("ci_low" in df.columns) != ("ci_high" in df.columns):
+        raise ValueError("plot_sweep: give both ci_low and ci_high, or neither")
+    if df.empty:
+        raise ValueError("plot_sweep: no rows to plot")
+
+
+def _colours(methods: Sequence[str]) -> dict[str, str]:
+    spare = iter(SPARE_COLOURS * (1 + len(methods) // len(SPARE_COLOURS)))
+    return {m: COLOURS.get(m) or next(spare) for m in methods}
+
+
+def _panel(ax, cell: pd.DataFrame, metric: str, x: str, colours: dict[str, str], gid: str) -> None:
+    """One (model, benchmark) subplot: a line per method, ``none`` as the reference."""
+    base = cell[cell.prune == "none"]
+    if metric == "ttft_speedup":
+        ref = 1.0  # none's speed-up over itself, whether or not the table filled it in
+    else:
+        ref = float(base[metric].iloc[0]) if len(base) and pd.notna(base[metric].iloc[0]) else math.nan
+    if not math.isnan(ref):
+        ax.axhline(ref, color="black", linestyle="--", linewidth=1.0, label="none", gid=f"{gid}-none")
+        if len(base) and pd.notna(base[x].iloc[0]):
+            ax.plot([float(base[x].iloc[0])], [ref], marker="*", color="black", markersize=8, linestyle="none")
+    for method, rows in cell[cell.prune != "none"].groupby("prune", sort=True):
+        rows = rows.sort_values(x)
+        xs, ys = rows[x].astype(float).to_numpy(), rows[metric].astype(float).to_numpy()
+        (line,) = ax.plot(xs, ys, marker="o", color=colours[method], label=method, gid=f"{gid}-{method}")
+        if metric == "accuracy" and "ci_low" in rows.columns:
+            low, high = rows["ci_low"].astype(float).to_numpy(), rows["ci_high"].astype(float).to_numpy()
+            bars = ax.errorbar(xs, ys, yerr=[ys - low, high - ys], fmt="none", ecolor=line.get_color(), capsize=3)
+            bars.lines[2][0].set_gid(f"{gid}-{method}-ci")  # the vertical bars (a LineCollection)
+
+
+def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio") -> list[Path]:
+    """Plot a sweep of methods × ratios as accuracy and TTFT speed-up figures.
+
+    Args:
+        df: one row per evaluation cell (e.g. ``eval.tables.collect``), with columns ``model``, ``benchmark``,
+            ``prune``, ``ratio``, ``accuracy`` (%) and ``ttft_speedup`` (× over ``none``; NaN allowed); optional
+            ``ci_low``/``ci_high``: bounds of the accuracy interval **in accuracy units** (for a paired Δ interval,
+            ``none``'s accuracy + ``PairedDelta.low``/``high``), drawn as error bars on the accuracy figure. The
+            ``none`` row of a (model, benchmark) is the reference line.
+        out_dir: folder for the files (created).
+        stem: file-name prefix.
+        x: the x-axis column: ``ratio`` (default), or an achieved budget such as ``flops_ratio``,
+            ``pre_llm_retained_pct`` or ``layer_avg_retained_pct``.
+
+    Returns:
+        ``[<stem>_accuracy.png, .svg, <stem>_ttft_speedup.png, .svg]`` under ``out_dir``.
+
+    Raises:
+        ValueError: a missing column (named), only one of ``ci_low``/``ci_high``, or no rows.
+    """
+    _check(df, x)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = sorted(df.model.astype(str).unique())
+    benchmarks = sorted(df.benchmark.astype(str).unique())
+    colours = _colours(sorted(m for m in df.prune.astype(str).unique() if m != "none"))
+    width, height = figure_size(len(models), len(benchmarks), DPI)
+    paths: list[Path] = []
+    with plt.rc_context(RC):
+        for metric, label in METRICS.items():
+            fig, axes = plt.subplots(
+                len(models),
+                len(benchmarks),
+                figsize=(width / DPI, height / DPI),
+                dpi=DPI,
+                squeeze=False,
+                layout="constrained",
+            )
+            for i, model in enumerate(models):
+                for j, bench in enumerate(benchmarks):
+                    ax = axes[i][j]
+                    cell = df[(df.model.astype(str) == model) & (df.benchmark.astype(str) == bench)]
+                    _panel(ax, cell, metric, x, colours, gid=f"{metric}-{model}-{bench}")
+                    ax.set_title(f"{model} · {bench}")
+                    ax.set_xlabel(X_LABELS.get(x, x))
+                    ax.set_ylabel(label)
+            # One legend for the figure: methods in sorted order, then the reference.
+            handles = {}
+            for ax in axes.flat:
+                for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+                    handles.setdefault(name, handle)
+            order = [*sorted(n for n in handles if n != "none"), *(["none"] if "none" in handles else [])]
+            fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=max(1, len(order)))
+            for suffix, metadata in ((".png", {"Software": None}), (".svg", {"Date": None})):
+                path = out / f"{stem}_{metric}{suffix}"
+                fig.savefig(path, dpi=DPI, metadata=metadata)
+                paths.append(path)
+            plt.close(fig)
+    return paths
