@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup test lint format eval tables bench-prune clean
+.PHONY: help setup test lint format eval sweep tables bench bench-prune viz clean
 
 # `make eval model=llava_ov prune=hieravid ratio=0.3` sets these make variables; they become Hydra overrides.
 EVAL_VARS := model prune benchmark ratio limit seed device threads paired_baseline logger max_new_tokens results_dir
@@ -41,6 +41,9 @@ lint: setup  ## ruff lint + format check
 format: setup  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+bench: setup  ## TTFT of every method vs none on an LLM of the backbone's shape (CPU default; BENCH_ARGS="--preset pllava")
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 bench-prune: setup  ## CPU time of the pre-LLM stages on PLLaVA and LLaVA-OV shapes
 	$(PY) scripts/bench_prune.py $(BENCH_ARGS)
