@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prune.adapters.convert_pllava import DEFAULT_LORA_ALPHA, HUB_REPO, load_original
-from prune.adapters.llm import Generation, PrunedLM, synced_now
+from prune.adapters.llm import Generation, PrunedLM, StageClock
 from prune.adapters.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _as_tensor, _to_channels_first
 from prune.api import Strategy, VideoTokens
 
@@ -320,14 +320,15 @@ class PllavaAdapter:
         device = self.model.device
         prefix, suffix = input_ids[:, : int(where[0])].to(device), input_ids[:, int(where[-1]) + 1 :].to(device)
 
-        t0 = synced_now(device)
+        clock = StageClock(device)
+        clock.start()
         grid = self.video_grid(pixel_values_videos.to(device))
-        t1 = synced_now(device)
+        clock.mark("vision")
         embed = self.model.get_input_embeddings()
         text = embed(torch.cat([prefix, suffix], dim=1))[0]
         t, h, w, d = grid.shape
         pre = self.strategy.pre_llm(VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text))
-        t2 = synced_now(device)
+        clock.mark("pre_llm")
 
         embeds = torch.cat([embed(prefix)[0], pre.tokens.to(text.dtype), embed(suffix)[0]])[None]
         visual = torch.cat(
@@ -338,9 +339,9 @@ class PllavaAdapter:
             ]
         )
         tokens, stats, logits = self.llm.generate(
-            embeds, visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits
+            embeds, visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits, clock=clock
         )
-        timings = {"vision": t1 - t0, "pre_llm": t2 - t1, "prefill": stats.prefill_s, "decode": stats.decode_s}
+        timings = clock.seconds()
         return Generation(tokens, t * h * w, pre.n, 0, stats, timings, logits, pre)
 
 

@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prune.adapters.llm import Generation, PrunedLM, synced_now
+from prune.adapters.llm import Generation, PrunedLM, StageClock
 from prune.adapters.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from prune.api import PreLLMOutput, Strategy, VideoTokens
 
@@ -722,9 +722,10 @@ class StLlmAdapter:
         device = self.model.device
         prefix, suffix = input_ids[:, : int(where[0])].to(device), input_ids[:, int(where[-1]) + 1 :].to(device)
 
-        t0 = synced_now(device)
+        clock = StageClock(device)
+        clock.start()
         grid = self.video_grid(pixel_values_videos, qformer_input_ids, qformer_attention_mask)  # [T, Q, D]
-        t1 = synced_now(device)
+        clock.mark("vision")
         embed = self.model.language_model.get_input_embeddings()
         text = embed(torch.cat([prefix, suffix], dim=1))[0]
         t, q, _ = grid.shape
@@ -743,10 +744,10 @@ class StLlmAdapter:
             embeds, n_prefix = embeds[cut:], max(0, n_prefix - cut)
         minus = torch.full((n_prefix,), -1, device=device), torch.full((suffix.shape[1],), -1, device=device)
         visual = torch.cat([minus[0], torch.arange(pre.n, device=device), minus[1]])
-        t2 = synced_now(device)
+        clock.mark("pre_llm")
 
         tokens, stats, logits = self.llm.generate(
-            embeds[None], visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits
+            embeds[None], visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits, clock=clock
         )
-        timings = {"vision": t1 - t0, "pre_llm": t2 - t1, "prefill": stats.prefill_s, "decode": stats.decode_s}
+        timings = clock.seconds()
         return Generation(tokens, t * q, pre.n, 0, stats, timings, logits, pre)

@@ -26,6 +26,8 @@ def test_groups_have_the_required_options():
         "st_llm",
         "tiny_llava_ov",
         "tiny_llava_video",
+        "tiny_pllava",
+        "tiny_st_llm",
     }
     assert set(_options("prune")) >= {"none", "fastv", "prunevid", "hieravid", "random", "pool"}
     assert set(_options("benchmark")) >= {"mvbench", "videomme", "egoschema", "nextqa", "tiny"}
@@ -90,7 +92,49 @@ def test_real_models_without_weights_fail_fast_with_instructions(model, tmp_path
         make_backbone(compose_config([f"model={model}", "prune=hieravid", "ratio=0.3"]))
 
 
+@pytest.mark.parametrize(
+    ("model", "family", "frames", "checkpoint"),
+    [("pllava", "pllava", 16, "ermu2001/pllava-7b"), ("st_llm", "st_llm", 64, "farewellthree/ST_LLM_weight")],
+)
+def test_pllava_and_st_llm_compose(model, family, frames, checkpoint):
+    cfg = compose_config([f"model={model}", "prune=prunevid", "ratio=0.4"])
+    assert (cfg.model.family, cfg.model.loader, cfg.model.checkpoint) == (family, "checkpoint", checkpoint)
+    assert (cfg.model.num_frames, cfg.model.llm_layers, cfg.prune.layer) == (frames, 32, 10)
+    if model == "pllava":
+        assert cfg.model.lora_alpha == 14  # PruneVid's eval.sh; PLLaVA's own scripts use 4
+    else:
+        assert cfg.model.max_input_tokens is None  # the official 1700-token truncation is opt-in
+
+
+# What each message must name: the download command for the release (and for ST-LLM the Q-Former's tokenizer).
+DOWNLOADS = {
+    "pllava": ["huggingface-cli download ermu2001/pllava-7b", "llava-hf/llava-v1.6-vicuna-7b-hf"],
+    "st_llm": [
+        "huggingface-cli download farewellthree/ST_LLM_weight --include 'QA_weight/*'",
+        "huggingface-cli download bert-base-uncased",
+    ],
+}
+
+
 @pytest.mark.parametrize("model", ["pllava", "st_llm"])
-def test_backbones_without_an_adapter_say_so(model):
-    with pytest.raises(BackboneUnavailable, match="no adapter yet"):
-        make_backbone(compose_config([f"model={model}"]))
+def test_pllava_and_st_llm_without_weights_fail_fast_naming_the_downloads(model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):  # failing fast means deciding from local files, before any fetch
+        raise AssertionError("tried to fetch from the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(BackboneUnavailable, match="huggingface-cli download") as err:
+        make_backbone(compose_config([f"model={model}", "prune=prunevid", "ratio=0.4"]))
+    for needle in DOWNLOADS[model]:
+        assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("model", ["pllava", "st_llm"])
+def test_pllava_and_st_llm_local_folder_without_files_names_them(model, tmp_path):
+    with pytest.raises(BackboneUnavailable, match=r"config\.json") as err:
+        make_backbone(compose_config([f"model={model}", f"model.checkpoint={tmp_path}"]))
+    assert "tokenizer" in str(err.value)
