@@ -31,8 +31,18 @@ test: setup  ## CPU test suite (GPU tests are skipped)
 eval: setup  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
 	$(PY) scripts/run_eval.py $(OVERRIDES) $(ARGS)
 
-tables: setup  ## rebuild results/tables/summary.{csv,md} from the records
-	$(PY) scripts/make_tables.py
+# `make sweep exp=ratio_sweep model=tiny_llava_ov`: model/benchmark/prune/ratio narrow the experiment's grid.
+GRID_OVERRIDES := $(foreach v,model benchmark prune ratio,$(if $($(v)),$(v)=$($(v))))
+
+sweep: setup  ## run the cells of configs/experiment/$(exp).yaml that have no record (Hydra multirun; launcher=slurm)
+	@test -n "$(exp)" || { echo "usage: make sweep exp=<name> (one of: $$(ls configs/experiment | sed 's/.yaml//' | xargs))"; exit 2; }
+	$(PY) scripts/sweep.py $(exp) $(OVERRIDES) $(if $(launcher),--launcher $(launcher)) $(ARGS)
+
+tables: setup  ## rebuild tables from the records: summary.{csv,md}, or exp=<name> -> <name>.{md,csv,tex} + plots
+	$(PY) scripts/make_tables.py $(if $(exp),--exp $(exp) $(GRID_OVERRIDES)) $(ARGS)
+
+viz: setup  ## token-selection picture of one sample (default tiny_llava_ov × prunevid); ARGS="prune=hieravid --doc 3"
+	$(PY) scripts/viz.py $(ARGS)
 
 lint: setup  ## ruff lint + format check
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,376 @@
+"""Experiments: one ``configs/experiment/<name>.yaml`` per paper table or sweep; multirun sweeps; tables from records.
+
+An experiment names the cells of a table: ``models`` x ``benchmarks`` x (``methods``: prune -> ratios), plus the
+``none`` cell of every model x benchmark (the paired baseline). ``make sweep exp=<name>`` runs the cells that have no
+record yet (:func:`sweep_commands`: one Hydra ``--multirun`` per method, so each method keeps its own ratios);
+``make tables exp=<name>`` rebuilds the table from the records (:func:`build_table`): Markdown, CSV and LaTeX in the
+paper's layout, the paired bootstrap CI of Δaccuracy for every pruned cell, the published numbers beside ours with
+the difference, the sweep plots when a method has several ratios, and the list of cells still missing with the command
+that fills each. Nothing in a table is typed by hand: every cell links back to a ``record.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+__all__ = ["Cell", "Experiment", "build_table", "load_experiment", "sweep_commands"]
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "configs" / "experiment"
+KEYS = {"name", "title", "models", "benchmarks", "methods", "published", "published_names", "overrides"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: a model x benchmark x method x ratio, and where its record lives."""
+
+    model: str
+    benchmark: str
+    prune: str
+    ratio: float
+
+    @property
+    def ratio_dir(self) -> str:
+        """The runner's folder name for the ratio (``none`` is always ``1.0``)."""
+        return "1.0" if self.prune == "none" else f"{self.ratio:g}"
+
+    def record(self, results_dir: Path) -> Path:
+        """``<results>/runs/<model>/<benchmark>/<prune>/<ratio>/record.json``."""
+        return Path(results_dir) / "runs" / self.model / self.benchmark / self.prune / self.ratio_dir / "record.json"
+
+    def command(self) -> str:
+        """The ``make eval`` that fills this cell."""
+        return f"make eval model={self.model} benchmark={self.benchmark} prune={self.prune} ratio={self.ratio:g}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A parsed ``configs/experiment/<name>.yaml`` (see ``configs/experiment/ratio_sweep.yaml`` for the fields)."""
+
+    name: str
+    title: str
+    models: tuple[str, ...]
+    benchmarks: tuple[str, ...]
+    methods: tuple[tuple[str, tuple[float, ...]], ...]
+    published: str | None = None
+    published_names: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    overrides: tuple[str, ...] = ()
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the table: the ``none`` cell of each model x benchmark, then each method at each ratio."""
+        out = []
+        for model in self.models:
+            for bench in self.benchmarks:
+                out.append(Cell(model, bench, "none", 1.0))
+                out += [Cell(model, bench, p, r) for p, ratios in self.methods for r in ratios]
+        return out
+
+    def name_map(self, kind: str) -> dict[str, str]:
+        """Our ``model``/``benchmark`` names -> the published table's."""
+        return dict(dict(self.published_names).get(kind, ()))
+
+
+def _as_list(value: Any, what: str, name: str) -> list:
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"experiment {name!r}: {what} must be a non-empty list, got {value!r}")
+    return list(value)
+
+
+def load_experiment(name: str, restrict: dict[str, str] | None = None) -> Experiment:
+    """Read ``configs/experiment/<name>.yaml``, optionally with a narrowed grid.
+
+    Args:
+        name: the file name without ``.yaml``.
+        restrict: ``model``/``benchmark``/``prune``/``ratio`` from the command line (comma-separated) replace the
+            experiment's lists, e.g. ``{"model": "tiny_llava_ov"}``.
+
+    Raises:
+        ValueError: unknown experiment (the message lists the available ones), unknown keys or malformed fields.
+    """
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+        raise ValueError(f"no experiment {name!r}; available: {available} (configs/experiment/)")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise ValueError(f"experiment {name!r}: unknown keys {sorted(unknown)}; accepted: {sorted(KEYS)}")
+    models = _as_list(raw.get("models"), "models", name)
+    benchmarks = _as_list(raw.get("benchmarks"), "benchmarks", name)
+    methods = raw.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise ValueError(f"experiment {name!r}: methods must map prune -> list of ratios, got {methods!r}")
+    methods = {p: [float(r) for r in _as_list(rs, f"methods.{p}", name)] for p, rs in methods.items() if p != "none"}
+    restrict = dict(restrict or {})
+    if "model" in restrict:
+        models = restrict.pop("model").split(",")
+    if "benchmark" in restrict:
+        benchmarks = restrict.pop("benchmark").split(",")
+    if "prune" in restrict:
+        wanted = restrict.pop("prune").split(",")
+        methods = {p: methods.get(p, [0.3]) for p in wanted if p != "none"}
+    if "ratio" in restrict:
+        ratios = [float(r) for r in restrict.pop("ratio").split(",")]
+        methods = {p: ratios for p in methods}
+    if restrict:
+        raise ValueError(f"can only restrict model, benchmark, prune or ratio; got {sorted(restrict)}")
+    names = raw.get("published_names") or {}
+    return Experiment(
+        name=raw.get("name", name),
+        title=raw.get("title", name),
+        models=tuple(models),
+        benchmarks=tuple(benchmarks),
+        methods=tuple((p, tuple(rs)) for p, rs in methods.items()),
+        published=raw.get("published"),
+        published_names=tuple((k, tuple(v.items())) for k, v in names.items()),
+        overrides=tuple(raw.get("overrides") or ()),
+    )
+
+
+def sweep_commands(exp: Experiment, results_dir: Path, extra: Sequence[str] = (), launcher: str | None = None):
+    """Hydra multirun argument lists for the cells with no record (one per method; ``none`` comes paired).
+
+    Returns:
+        ``[[override, ...], ...]`` for ``scripts/run_eval.py --multirun``; empty when every cell has a record.
+    """
+    missing = [c for c in exp.cells() if not c.record(results_dir).exists()]
+    commands = []
+    for prune in dict.fromkeys(c.prune for c in missing):
+        cells = [c for c in missing if c.prune == prune]
+        args = [
+            "model=" + ",".join(dict.fromkeys(c.model for c in cells)),
+            "benchmark=" + ",".join(dict.fromkeys(c.benchmark for c in cells)),
+            f"prune={prune}",
+            "ratio=" + ",".join(dict.fromkeys(f"{c.ratio:g}" for c in cells)),
+            f"results_dir={results_dir}",
+            *exp.overrides,
+            *extra,
+        ]
+        if launcher:
+            args.append(f"hydra/launcher={launcher}")
+        commands.append(args)
+    return commands
+
+
+# -- tables ----------------------------------------------------------------------------------------------------------
+
+
+def _load(cell: Cell, results_dir: Path) -> dict | None:
+    path = cell.record(results_dir)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _published(exp: Experiment) -> pd.DataFrame | None:
+    if not exp.published:
+        return None
+    from eval.stats import load_published
+
+    frame = load_published(exp.published)
+    return frame[frame.metric == "accuracy"]
+
+
+def _pub_value(pub: pd.DataFrame | None, exp: Experiment, cell: Cell) -> float | None:
+    if pub is None:
+        return None
+    model = exp.name_map("model").get(cell.model)
+    bench = exp.name_map("benchmark").get(cell.benchmark)
+    rows = pub[(pub.backbone == model) & (pub.method == cell.prune) & (pub.benchmark == bench)]
+    return float(rows.value.iloc[0]) if len(rows) else None
+
+
+def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple[pd.DataFrame, list[Cell]]:
+    """One row per (model, method, ratio) with the paper's columns, and the cells that have no record.
+
+    Columns: ``model``, ``prune``, ``ratio``, ``retained_pct`` (layer-averaged visual tokens), ``flops_ratio``, per
+    benchmark ``<b>`` (accuracy), ``<b>_delta``, ``<b>_ci_low``/``<b>_ci_high`` (paired bootstrap of Δ vs none, 95 %),
+    ``<b>_published`` and ``<b>_vs_published``, then ``ttft_speedup`` (median over benchmarks), ``peak_memory_gib``
+    (largest) and ``records`` (the record files behind the row).
+    """
+    from eval.stats import compare_runs
+
+    results_dir = Path(results_dir)
+    pub = _published(exp)
+    missing, rows = [], []
+    cells = exp.cells()
+    for model in exp.models:
+        keys = dict.fromkeys((c.prune, c.ratio) for c in cells if c.model == model)
+        for prune, ratio in keys:
+            row: dict[str, Any] = {"model": model, "prune": prune, "ratio": ratio}
+            retained, flops, speedups, memory, records = [], [], [], [], []
+            for bench in exp.benchmarks:
+                cell, base = Cell(model, bench, prune, ratio), Cell(model, bench, "none", 1.0)
+                rec = _load(cell, results_dir)
+                published = _pub_value(pub, exp, cell)
+                row[f"{bench}_published"] = published
+                if rec is None:
+                    missing.append(cell)
+                    continue
+                records.append(str(cell.record(results_dir).relative_to(results_dir)))
+                row[bench] = rec["accuracy"]
+                if published is not None and rec["accuracy"] is not None:
+                    row[f"{bench}_vs_published"] = rec["accuracy"] - published
+                retained.append(rec.get("layer_avg_retained_pct"))
+                flops.append(rec.get("flops_ratio"))
+                memory.append(rec.get("peak_memory_bytes"))
+                ref = _load(base, results_dir)
+                if prune != "none" and ref is not None:
+                    folders = cell.record(results_dir).parent, base.record(results_dir).parent
+                    delta = compare_runs(*folders, n_boot=n_boot)
+                    row[f"{bench}_delta"], row[f"{bench}_ci_low"], row[f"{bench}_ci_high"] = (
+                        delta.delta,
+                        delta.low,
+                        delta.high,
+                    )
+                    if rec.get("ttft_ms_median") and ref.get("ttft_ms_median"):
+                        speedups.append(ref["ttft_ms_median"] / rec["ttft_ms_median"])
+                        row[f"{bench}_ttft_speedup"] = speedups[-1]
+                elif prune == "none":
+                    speedups.append(1.0)
+                    row[f"{bench}_ttft_speedup"] = 1.0
+            vals = [v for v in retained if v is not None]
+            row["retained_pct"] = sum(vals) / len(vals) if vals else None
+            vals = [v for v in flops if v is not None]
+            row["flops_ratio"] = sum(vals) / len(vals) if vals else None
+            row["ttft_speedup"] = float(pd.Series(speedups).median()) if speedups else None
+            vals = [v for v in memory if v is not None]
+            row["peak_memory_gib"] = max(vals) / 2**30 if vals else None
+            row["records"] = ";".join(records)
+            rows.append(row)
+    columns = ["model", "prune", "ratio", "retained_pct", "flops_ratio"]
+    for bench in exp.benchmarks:
+        columns += [bench, f"{bench}_delta", f"{bench}_ci_low", f"{bench}_ci_high"]
+        columns += [f"{bench}_published", f"{bench}_vs_published", f"{bench}_ttft_speedup"]
+    columns += ["ttft_speedup", "peak_memory_gib", "records"]
+    return pd.DataFrame(rows).reindex(columns=columns), missing
+
+
+def _num(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value, spec)
+
+
+def _acc_cell(row: pd.Series, bench: str, latex: bool = False) -> str:
+    acc = row.get(bench)
+    text = _num(acc, ".1f") or ("--" if latex else "–")
+    if row.prune != "none" and not pd.isna(row.get(f"{bench}_delta")):
+        pm = "$\\pm$" if latex else "±"
+        half = (row[f"{bench}_ci_high"] - row[f"{bench}_ci_low"]) / 2
+        text += f" ({row[f'{bench}_delta']:+.1f} {pm}{half:.1f})"
+    pub = row.get(f"{bench}_published")
+    if pub is not None and not pd.isna(pub):
+        diff = row.get(f"{bench}_vs_published")
+        text += f" [pub {pub:.1f}" + ("" if diff is None or pd.isna(diff) else f", {diff:+.1f}") + "]"
+    return text
+
+
+def _display_rows(exp: Experiment, frame: pd.DataFrame, latex: bool = False) -> tuple[list[str], list[list[str]]]:
+    header = ["backbone", "method", "retained %", "FLOPs ×", *exp.benchmarks, "TTFT ×", "memory GiB"]
+    body = []
+    for _, row in frame.iterrows():
+        method = "none" if row.prune == "none" else f"{row.prune} ({row.ratio:g})"
+        body.append(
+            [
+                row.model,
+                method,
+                _num(row.retained_pct, ".1f"),
+                _num(row.flops_ratio, ".3f"),
+                *[_acc_cell(row, b, latex) for b in exp.benchmarks],
+                _num(row.ttft_speedup, ".2f"),
+                _num(row.peak_memory_gib, ".2f"),
+            ]
+        )
+    return header, body
+
+
+def _latex(exp: Experiment, frame: pd.DataFrame) -> str:
+    header, body = _display_rows(exp, frame, latex=True)
+
+    def esc(text: str) -> str:
+        return text.replace("_", "\\_").replace("%", "\\%").replace("×", "$\\times$")
+
+    lines = [
+        f"% generated by `make tables exp={exp.name}` from results/runs/**/record.json; do not edit",
+        "\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}",
+        "\\toprule",
+        " & ".join(esc(h) for h in header) + " \\\\",
+        "\\midrule",
+    ]
+    lines += [" & ".join(esc(c) if "$" not in c else c.replace("_", "\\_") for c in cells) + " \\\\" for cells in body]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def build_table(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> dict[str, Any]:
+    """Write ``<results>/tables/<exp>.{md,csv,tex}`` (and the sweep plots) from the records.
+
+    Returns:
+        ``{"paths": [...], "missing": [Cell, ...], "frame": DataFrame}``.
+    """
+    results_dir = Path(results_dir)
+    frame, missing = table_frame(exp, results_dir, n_boot)
+    out = results_dir / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md, tex = (out / f"{exp.name}.{ext}" for ext in ("csv", "md", "tex"))
+    frame.to_csv(csv, index=False)
+    header, body = _display_rows(exp, frame)
+    lines = [
+        f"<!-- generated by `make tables exp={exp.name}` from results/runs/**/record.json; do not edit -->",
+        f"# {exp.title}",
+        "",
+        "Accuracy in %; (Δ vs none ± half-width of the paired bootstrap 95 % CI over the same samples); "
+        "[pub: the published number, ours − published]. Retained % is the layer-averaged share of visual tokens; "
+        "FLOPs × the prefill FLOPs ratio (FastV convention); TTFT × the speed-up over none.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    if exp.published:
+        lines += ["", f"Published numbers: results/published/{exp.published}.csv (sources in its `source` column)."]
+    if missing:
+        lines += ["", f"## Missing cells ({len(missing)})", "", f"All at once: `make sweep exp={exp.name}`.", ""]
+        lines += [f"- `{c.command()}`" for c in missing]
+    md.write_text("\n".join(lines) + "\n")
+    tex.write_text(_latex(exp, frame))
+    paths = [md, csv, tex]
+    if any(len(rs) > 1 for _, rs in exp.methods):
+        paths += _plots(exp, frame, out)
+    return {"paths": paths, "missing": missing, "frame": frame}
+
+
+def _plots(exp: Experiment, frame: pd.DataFrame, out: Path) -> list[Path]:
+    from eval.plots import plot_sweep
+
+    rows = []
+    for _, row in frame.iterrows():
+        for bench in exp.benchmarks:
+            acc = row.get(bench)
+            if acc is None or pd.isna(acc):
+                continue
+            entry = {"model": row.model, "benchmark": bench, "prune": row.prune, "ratio": row.ratio, "accuracy": acc}
+            entry["ttft_speedup"] = row.get(f"{bench}_ttft_speedup")
+            low = row.get(f"{bench}_ci_low")
+            if row.prune != "none" and low is not None and not pd.isna(low):  # CI of Δ, shifted to accuracy units
+                base = acc - row[f"{bench}_delta"]
+                entry["ci_low"], entry["ci_high"] = base + low, base + row[f"{bench}_ci_high"]
+            else:
+                entry["ci_low"] = entry["ci_high"] = acc
+            rows.append(entry)
+    if not rows:
+        return []
+    return plot_sweep(pd.DataFrame(rows), out, exp.name)
+
+
+def shell(args: Sequence[str]) -> str:
+    """A copy-pasteable command line."""
+    return " ".join(shlex.quote(a) for a in args)

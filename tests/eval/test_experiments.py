@@ -1,0 +1,129 @@
+"""Experiments: every config composes, paper tables list their missing cells, a tiny sweep fills a table and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from eval.experiments import EXPERIMENTS, Cell, build_table, load_experiment, sweep_commands
+from eval.runner import REPO, compose_config, make_strategy, run_cell
+
+sys.path.insert(0, str(REPO / "scripts"))
+import make_tables  # noqa: E402
+import sweep  # noqa: E402
+
+NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+DRIFT = REPO / "tests" / "golden" / "none_tiny_predictions.json"
+
+
+def test_the_four_tables_exist():
+    assert {"prunevid_table1", "prunevid_table2", "hieravid_main", "ratio_sweep"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_cell_of_every_experiment_composes(name):
+    exp = load_experiment(name)
+    cells = exp.cells()
+    assert len(cells) == len(exp.models) * len(exp.benchmarks) * (1 + sum(len(r) for _, r in exp.methods))
+    for cell in cells:
+        cfg = compose_config([f"model={cell.model}", f"benchmark={cell.benchmark}", f"prune={cell.prune}"])
+        cfg.ratio = cell.ratio
+        strategy = make_strategy(cfg)
+        assert strategy.name == cell.prune and cfg.model.name == cell.model and cfg.benchmark.name == cell.benchmark
+        if cell.prune != "none":
+            assert strategy.ratio == cell.ratio
+
+
+@pytest.mark.parametrize("name", ["prunevid_table1", "prunevid_table2", "hieravid_main"])
+def test_paper_tables_list_their_missing_cells_with_commands(name, tmp_path):
+    exp = load_experiment(name)
+    out = build_table(exp, tmp_path)
+    assert set(out["missing"]) == set(exp.cells()) and len(out["missing"]) == len(exp.cells())
+    md = (tmp_path / "tables" / f"{name}.md").read_text()
+    assert f"## Missing cells ({len(exp.cells())})" in md
+    assert all(f"`{c.command()}`" in md for c in exp.cells())
+    assert (tmp_path / "tables" / f"{name}.tex").read_text().count("\\\\") == 1 + len(out["frame"])
+    if exp.published:  # published numbers are shown even before we have ours
+        assert "[pub " in md
+
+
+def test_prunevid_table1_shows_the_published_pllava_numbers(tmp_path):
+    frame = build_table(load_experiment("prunevid_table1"), tmp_path)["frame"]
+    row = frame[(frame.model == "pllava") & (frame.prune == "prunevid")].iloc[0]
+    assert row.mvbench_published == 47.6 and row.ratio == 0.4
+    none = frame[(frame.model == "st_llm") & (frame.prune == "none")].iloc[0]
+    assert none.mvbench_published == 54.9
+
+
+def test_restrict_and_bad_input():
+    exp = load_experiment("ratio_sweep", {"model": "tiny_llava_video", "prune": "fastv", "ratio": "0.2,0.4"})
+    assert exp.models == ("tiny_llava_video",) and exp.methods == (("fastv", (0.2, 0.4)),)
+    with pytest.raises(ValueError, match="no experiment 'nope'; available"):
+        load_experiment("nope")
+    with pytest.raises(ValueError, match="can only restrict"):
+        load_experiment("ratio_sweep", {"seed": "1"})
+    assert sweep.main(["nope"]) == 2
+
+
+def test_sweep_commands_cover_only_missing_cells(tmp_path):
+    exp = load_experiment("prunevid_table2")
+    done = Cell("pllava", "mvbench", "fastv", 0.3).record(tmp_path)
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    commands = sweep_commands(exp, tmp_path, ["limit=5"], launcher="slurm")
+    assert [c[2] for c in commands] == ["prune=none", "prune=prunevid"]
+    assert all("limit=5" in c and "hydra/launcher=slurm" in c for c in commands)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+
+def test_tiny_sweep_then_tables_has_no_missing_cell_and_both_plots(tmp_path, offline):
+    """`make sweep exp=ratio_sweep model=tiny_llava_ov` then `make tables exp=ratio_sweep`, on a cut-down grid."""
+    results = tmp_path / "results"
+    grid = ["model=tiny_llava_ov", "prune=random", "ratio=0.3,0.5"]
+    assert sweep.main(["ratio_sweep", *grid, "limit=1", "max_new_tokens=1", "--results", str(results)]) == 0
+    # a re-run finds nothing to do
+    assert sweep_commands(load_experiment("ratio_sweep", dict(g.split("=") for g in grid)), results) == []
+    assert make_tables.main(["--exp", "ratio_sweep", "--results", str(results), "--n-boot", "200", *grid]) == 0
+    tables = results / "tables"
+    frame = pd.read_csv(tables / "ratio_sweep.csv")
+    assert list(frame.prune) == ["none", "random", "random"] and list(frame.ratio) == [1.0, 0.3, 0.5]
+    assert frame.tiny.notna().all() and frame.tiny_ci_low.notna().sum() == 2 and frame.ttft_speedup.notna().all()
+    assert frame.retained_pct.tolist()[1:] == pytest.approx([30.0, 50.0], abs=0.5)
+    assert "Missing cells" not in (tables / "ratio_sweep.md").read_text()
+    for stem in ("ratio_sweep_accuracy", "ratio_sweep_ttft_speedup"):
+        assert (tables / f"{stem}.png").stat().st_size > 1000 and (tables / f"{stem}.svg").exists()
+    assert all((results / r).exists() for r in ";".join(frame.records).split(";"))
+
+
+def test_none_predictions_on_the_tiny_bundle_do_not_drift(tmp_path, offline):
+    """Baseline drift guard: the unpruned tiny model's answers are stored; any change to them is a visible event.
+
+    Regenerate on purpose (after a deliberate change of the tiny model, prompt or decoding) with
+    ``VIDPRUNE_UPDATE_DRIFT=1 make test PYTEST_ARGS="-k drift"`` and commit the file with the reason.
+    """
+    cfg = compose_config(
+        ["prune=none", f"results_dir={tmp_path}", "limit=2", "max_new_tokens=4", "paired_baseline=false"]
+    )
+    from eval.runner import _prepare_tasks
+
+    tasks, include = _prepare_tasks(cfg)
+    run_dir = Path(run_cell(cfg, tasks, include)["_path"]).parent
+    rows = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    got = {f"{r['task']}/{r['doc_id']}": r["prediction"] for r in rows}
+    assert len(got) == 9 and not any(r["failed"] for r in rows)
+    if os.environ.get("VIDPRUNE_UPDATE_DRIFT") == "1":
+        DRIFT.write_text(json.dumps(got, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    stored = json.loads(DRIFT.read_text())
+    changed = sorted(k for k in stored.keys() | got.keys() if stored.get(k) != got.get(k))
+    assert not changed, f"none's predictions on the tiny bundle changed for {changed}: baseline drift"
