@@ -26,12 +26,13 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+from prune.adapters.checkpoint import read_safetensors, resolve_dir, short_keys
 
 __all__ = [
     "HUB_REPO",
@@ -119,12 +120,6 @@ def _hint(repo: str = HUB_REPO) -> str:
     )
 
 
-def _short(keys: list[str], limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def convert_state_dict(original: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename an original LLaVA-NeXT (``LlavaQwenForCausalLM``) state dict to transformers 5.23 OneVision keys.
 
@@ -158,7 +153,7 @@ def convert_state_dict(original: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} original key(s) match no KEY_MAP rule (is this a LLaVA-NeXT LlavaQwenForCausalLM "
-            f"checkpoint without extra modules such as faster_token or a resampler?): {_short(unmapped)}"
+            f"checkpoint without extra modules such as faster_token or a resampler?): {short_keys(unmapped)}"
         )
     return converted
 
@@ -251,59 +246,6 @@ def config_from_original(
     return config
 
 
-def _resolve_dir(path_or_repo: str | os.PathLike[str], revision: str | None) -> Path:
-    """Local snapshot directory for ``path_or_repo``; downloads from the hub when it names a repo id."""
-    text = os.fspath(path_or_repo)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise FileNotFoundError(
-            f"{text} is a file; pass the checkpoint directory (with config.json). To get one, {_hint()}"
-        )
-    looks_like_repo = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
-    if not looks_like_repo:
-        raise FileNotFoundError(f"checkpoint directory {text} does not exist. To get it, {_hint()}")
-    import huggingface_hub  # looked up at call time so tests can stub snapshot_download
-
-    try:
-        local = huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
-    except Exception as err:  # noqa: BLE001 - offline, gated, missing repo... all get the same actionable message
-        raise OSError(
-            f"could not fetch {text} from the Hugging Face hub ({type(err).__name__}: {err}); {_hint(text)}"
-        ) from err
-    return Path(local)
-
-
-def _read_weights(directory: Path) -> dict[str, Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-        absent = [s for s in shards if not (directory / s).is_file()]
-        if absent:
-            raise FileNotFoundError(
-                f"{directory} lacks shard(s) {absent} listed in {index.name}. To get them, {_hint()}"
-            )
-        weights: dict[str, Tensor] = {}
-        for shard in shards:
-            weights.update(load_file(directory / shard))
-        listed_only = set(weight_map) - set(weights)
-        if listed_only:
-            raise ValueError(f"{index.name} lists key(s) found in no shard: {_short(list(listed_only))}")
-        return weights
-    if single.is_file():
-        return load_file(single)
-    raise FileNotFoundError(
-        f"{directory} has neither model.safetensors nor model.safetensors.index.json (.bin checkpoints are not "
-        f"supported). To get the weights, {_hint()}"
-    )
-
-
 def _check_against_model(config: LlavaOnevisionConfig, converted: dict[str, Tensor]) -> dict[str, Tensor]:
     """Strict key/shape check against the model the config builds; returns the dict to load (tied head removed)."""
     with torch.device("meta"):  # shapes only; no memory, no init
@@ -328,11 +270,11 @@ def _check_against_model(config: LlavaOnevisionConfig, converted: dict[str, Tens
             head_note = (
                 " (lm_head is untied in config.json, so it must be saved)" if "lm_head.weight" in missing else ""
             )
-            parts.append(f"missing {len(missing)}{head_note}: {_short(missing)}")
+            parts.append(f"missing {len(missing)}{head_note}: {short_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)}: {short_keys(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatch {len(mismatched)}: {_short(mismatched)}")
+            parts.append(f"shape mismatch {len(mismatched)}: {short_keys(mismatched)}")
         raise ValueError(
             "converted checkpoint does not fit LlavaOnevisionForConditionalGeneration; " + "; ".join(parts)
         )
@@ -378,7 +320,7 @@ def load_llava_video(
         OSError: If the hub download fails.
         ValueError: If the config or the weights do not convert or do not fit the model exactly.
     """
-    directory = _resolve_dir(path_or_repo, revision)
+    directory = resolve_dir(path_or_repo, revision, _HUB_PATTERNS, _hint)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json. To get the checkpoint, {_hint()}")
@@ -388,7 +330,7 @@ def load_llava_video(
         image_token_index=image_token_index,
         video_token_index=video_token_index,
     )
-    state_dict = _check_against_model(config, convert_state_dict(_read_weights(directory)))
+    state_dict = _check_against_model(config, convert_state_dict(read_safetensors(directory, _hint())))
     model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
         None,
         config=config,

@@ -46,12 +46,13 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from prune.adapters.checkpoint import read_safetensors, resolve_dir, short_keys
 
 __all__ = [
     "BASE_REPO",
@@ -148,12 +149,6 @@ def download_hint(repo: str = HUB_REPO) -> str:
     )
 
 
-def _short(keys: list[str], limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _rename(key: str) -> str | None:
     """Converted key of a non-LoRA original key, or None when no rule matches."""
     key = key.replace(".base_layer.", ".")
@@ -207,7 +202,7 @@ def convert_state_dict(
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} original key(s) match no PLLaVA key rule (is this a PllavaForConditionalGeneration "
-            f"checkpoint with LoRA adapter 'default'?): {_short(unmapped)}"
+            f"checkpoint with LoRA adapter 'default'?): {short_keys(unmapped)}"
         )
     ranks: set[int] = set()
     for target, pair in sorted(lora.items()):
@@ -288,48 +283,6 @@ def config_from_original(
     return config
 
 
-def _resolve_dir(path_or_repo: str | os.PathLike[str], revision: str | None) -> Path:
-    """Local checkpoint directory; a repo id that is not a local path is fetched with ``snapshot_download``."""
-    text = os.fspath(path_or_repo)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"{text} is a file; pass the checkpoint directory. To get one, {download_hint()}")
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is None:
-        raise FileNotFoundError(f"checkpoint directory {text} does not exist. To get it, {download_hint()}")
-    import huggingface_hub  # looked up at call time so tests can stub snapshot_download
-
-    try:
-        return Path(huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
-    except Exception as err:  # noqa: BLE001 - offline, gated, missing repo: all get the same actionable message
-        raise FileNotFoundError(
-            f"PLLaVA weights {text!r} are not available locally and could not be fetched "
-            f"({type(err).__name__}: {err}); {download_hint(text)}"
-        ) from err
-
-
-def _read_weights(directory: Path) -> dict[str, Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
-    from safetensors.torch import load_file
-
-    index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        absent = [s for s in shards if not (directory / s).is_file()]
-        if absent:
-            raise FileNotFoundError(f"{directory} lacks shard(s) {absent} listed in {index.name}; {download_hint()}")
-        weights: dict[str, Tensor] = {}
-        for shard in shards:
-            weights.update(load_file(directory / shard))
-        return weights
-    if single.is_file():
-        return load_file(single)
-    raise FileNotFoundError(
-        f"{directory} has neither model.safetensors nor model.safetensors.index.json; {download_hint()}"
-    )
-
-
 def _check_against_model(config: LlavaConfig, conversion: Conversion) -> dict[str, Tensor]:
     """Strict key and shape check against the model the config builds; returns the dict to load."""
     with torch.device("meta"):  # shapes only
@@ -354,9 +307,9 @@ def _check_against_model(config: LlavaConfig, conversion: Conversion) -> dict[st
             f"{download_hint()}"
         )
     if missing or unexpected or mismatched:
-        parts = [f"missing {len(missing)}: {_short(missing)}"] if missing else []
-        parts += [f"unexpected {len(unexpected)}: {_short(unexpected)}"] if unexpected else []
-        parts += [f"shape mismatch {len(mismatched)}: {_short(mismatched)}"] if mismatched else []
+        parts = [f"missing {len(missing)}: {short_keys(missing)}"] if missing else []
+        parts += [f"unexpected {len(unexpected)}: {short_keys(unexpected)}"] if unexpected else []
+        parts += [f"shape mismatch {len(mismatched)}: {short_keys(mismatched)}"] if mismatched else []
         raise ValueError("converted PLLaVA checkpoint does not fit LlavaForConditionalGeneration; " + "; ".join(parts))
     return to_load
 
@@ -395,12 +348,12 @@ def load_original(
             to download and how big it is).
         ValueError: the config or the keys do not convert or do not fit the model exactly.
     """
-    directory = _resolve_dir(path_or_repo, revision)
+    directory = resolve_dir(path_or_repo, revision, _HUB_PATTERNS, download_hint)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json; {download_hint()}")
     config = config_from_original(json.loads(config_file.read_text()), vision_config=vision_config)
-    conversion = convert_state_dict(_read_weights(directory), lora_alpha=lora_alpha, dtype=dtype)
+    conversion = convert_state_dict(read_safetensors(directory, download_hint()), lora_alpha=lora_alpha, dtype=dtype)
     state_dict = _check_against_model(config, conversion)
     config.pllava.update(lora_alpha=conversion.lora_alpha, lora_ranks=list(conversion.ranks))
     config.pllava["lora_merged"] = len(conversion.merged)
