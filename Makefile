@@ -32,7 +32,7 @@ eval: setup  ## the main job (default: tiny model on the tiny bundle, offline); 
 	$(PY) scripts/run_eval.py $(OVERRIDES) $(ARGS)
 
 # `make sweep exp=ratio_sweep model=tiny_llava_ov`: model/benchmark/prune/ratio narrow the experiment's grid.
-GRID_OVERRIDES := $(foreach v,model benchmark prune ratio,$(if $($(v)),$(v)=$($(v))))
+GRID_OVERRIDES := $(foreach v,model benchmark prune ratio results_dir,$(if $($(v)),$(v)=$($(v))))
 
 sweep: setup  ## run the cells of configs/experiment/$(exp).yaml that have no record (Hydra multirun; launcher=slurm)
 	@test -n "$(exp)" || { echo "usage: make sweep exp=<name> (one of: $$(ls configs/experiment | sed 's/.yaml//' | xargs))"; exit 2; }

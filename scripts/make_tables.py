@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the Δaccuracy CIs")
     ap.add_argument("overrides", nargs="*", help="model=/benchmark=/prune=/ratio= restrict the experiment's grid")
     args = ap.parse_args(argv)
+    for o in args.overrides:  # results_dir= as for make eval
+        if o.startswith("results_dir="):
+            args.results = Path(o.split("=", 1)[1])
     if not args.exp:
         for path in write_tables(args.results):
             print(f"wrote {path}")

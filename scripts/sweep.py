@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     restrict = dict(o.split("=", 1) for o in args.overrides if o.split("=", 1)[0] in GRID)
-    extra = [o for o in args.overrides if o.split("=", 1)[0] not in GRID]
+    extra = [o for o in args.overrides if o.split("=", 1)[0] not in (*GRID, "results_dir")]
+    for o in args.overrides:  # results_dir= (as for make eval) decides which records count as done
+        if o.startswith("results_dir="):
+            args.results = Path(o.split("=", 1)[1])
     try:
         exp = load_experiment(args.experiment, restrict)
     except ValueError as err:

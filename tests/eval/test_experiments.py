@@ -127,3 +127,13 @@ def test_none_predictions_on_the_tiny_bundle_do_not_drift(tmp_path, offline):
     stored = json.loads(DRIFT.read_text())
     changed = sorted(k for k in stored.keys() | got.keys() if stored.get(k) != got.get(k))
     assert not changed, f"none's predictions on the tiny bundle changed for {changed}: baseline drift"
+
+
+def test_sweep_takes_results_dir_like_make_eval(tmp_path, capsys):
+    done = Cell("pllava", "mvbench", "none", 1.0).record(tmp_path)
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    assert sweep.main(["prunevid_table2", f"results_dir={tmp_path}", "limit=2", "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sweep]")]
+    assert len(lines) == 2 and "prune=none" not in "".join(lines)  # the none cell counts as done under tmp_path
+    assert all(line.count("results_dir=") == 1 and f"results_dir={tmp_path}" in line for line in lines)
