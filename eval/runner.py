@@ -99,9 +99,12 @@ def _prepare_tasks(cfg: DictConfig) -> tuple[list[str], str | None]:
 
 def _cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The settings that decide a sample's answer; their hash keys resume."""
+    prune = OmegaConf.to_container(cfg.prune, resolve=True)
+    if prune.get("_target_") == "prune.strategies.none.NoPruning":
+        prune.pop("ratio", None)  # none ignores it: the paired baseline of every ratio is one cell, computed once
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "prune": OmegaConf.to_container(cfg.prune, resolve=True),
+        "prune": prune,
         "seed": cfg.seed,
         "max_new_tokens": cfg.max_new_tokens,
     }
