@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["read_safetensors", "resolve_dir", "short_keys"]
+__all__ = ["read_safetensors", "rename_keys", "resolve_dir", "short_keys"]
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -24,6 +24,44 @@ def short_keys(keys: Sequence[str], limit: int = 20) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def rename_keys(
+    original: Mapping[str, Tensor],
+    key_map: Sequence[tuple[str, str]],
+    ignored: Sequence[str] = (),
+    claim: Callable[[str, Tensor], bool] | None = None,
+    normalise: Callable[[str], str] | None = None,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename an original state dict with a rule table; the caller decides what an unmatched key means.
+
+    Per key, in order: dropped if it matches an ``ignored`` pattern (``re.search``); taken by ``claim(key, tensor)``
+    when it returns True (keys a family merges itself: LoRA pairs, split biases); else renamed by the first
+    ``(pattern, replacement)`` of ``key_map`` that matches ``normalise(key)`` in full (``re.fullmatch`` +
+    ``expand``).
+
+    Returns:
+        The renamed tensors (same objects) and the keys no rule matched.
+
+    Raises:
+        ValueError: two original keys map to one name.
+    """
+    converted: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    for key, tensor in original.items():
+        if any(re.search(p, key) for p in ignored) or (claim is not None and claim(key, tensor)):
+            continue
+        name = normalise(key) if normalise else key
+        for pattern, replacement in key_map:
+            if m := re.fullmatch(pattern, name):
+                new_key = m.expand(replacement)
+                if new_key in converted:
+                    raise ValueError(f"two original keys map to {new_key!r} (second: {key!r})")
+                converted[new_key] = tensor
+                break
+        else:
+            unmapped.append(key)
+    return converted, unmapped
 
 
 def resolve_dir(path_or_repo: str | os.PathLike[str], revision: str | None, patterns: Sequence[str], hint) -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-from prune.adapters.checkpoint import read_safetensors, resolve_dir, short_keys
+from prune.adapters.checkpoint import read_safetensors, rename_keys, resolve_dir, short_keys
 
 __all__ = [
     "HUB_REPO",
@@ -136,20 +135,7 @@ def convert_state_dict(original: Mapping[str, Tensor]) -> dict[str, Tensor]:
     Raises:
         ValueError: If a key matches no :data:`KEY_MAP` rule (all such keys are listed), or two keys map to one name.
     """
-    converted: dict[str, Tensor] = {}
-    unmapped: list[str] = []
-    for key, tensor in original.items():
-        if any(re.search(p, key) for p in IGNORED_KEYS):
-            continue
-        for pattern, replacement in KEY_MAP:
-            if re.match(pattern, key):
-                new_key = re.sub(pattern, replacement, key)
-                if new_key in converted:
-                    raise ValueError(f"two original keys map to {new_key!r} (second: {key!r})")
-                converted[new_key] = tensor
-                break
-        else:
-            unmapped.append(key)
+    converted, unmapped = rename_keys(original, KEY_MAP, IGNORED_KEYS)
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} original key(s) match no KEY_MAP rule (is this a LLaVA-NeXT LlavaQwenForCausalLM "

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from prune.adapters.checkpoint import read_safetensors, resolve_dir, short_keys
+from prune.adapters.checkpoint import read_safetensors, rename_keys, resolve_dir, short_keys
 
 __all__ = [
     "BASE_REPO",
@@ -149,15 +149,6 @@ def download_hint(repo: str = HUB_REPO) -> str:
     )
 
 
-def _rename(key: str) -> str | None:
-    """Converted key of a non-LoRA original key, or None when no rule matches."""
-    key = key.replace(".base_layer.", ".")
-    for pattern, replacement in KEY_MAP:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
-    return None
-
-
 def convert_state_dict(
     original: Mapping[str, Tensor], lora_alpha: float = DEFAULT_LORA_ALPHA, dtype: torch.dtype | None = None
 ) -> Conversion:
@@ -182,23 +173,19 @@ def convert_state_dict(
     """
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, int | float) or lora_alpha < 0:
         raise ValueError(f"lora_alpha must be a number >= 0, got {lora_alpha!r}")
-    converted: dict[str, Tensor] = {}
     lora: dict[str, dict[str, Tensor]] = {}
-    unmapped: list[str] = []
-    for key, tensor in original.items():
-        if any(re.search(p, key) for p in IGNORED_KEYS):
-            continue
+
+    def lora_weight(key: str, tensor: Tensor) -> bool:  # merged into its base weight below
         if m := _LORA.match(key):
             target = f"model.language_model.{m.group(1).removeprefix('model.')}.weight"
             lora.setdefault(target, {})[m.group(2)] = tensor
-            continue
-        new_key = _rename(key)
-        if new_key is None:
-            unmapped.append(key)
-        elif new_key in converted:
-            raise ValueError(f"two original keys map to {new_key!r} (second: {key!r})")
-        else:
-            converted[new_key] = tensor
+            return True
+        return False
+
+    # peft wraps every LoRA-target linear: its base weight sits under ``.base_layer.``
+    converted, unmapped = rename_keys(
+        original, KEY_MAP, IGNORED_KEYS, claim=lora_weight, normalise=lambda key: key.replace(".base_layer.", ".")
+    )
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} original key(s) match no PLLaVA key rule (is this a PllavaForConditionalGeneration "

@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prune.adapters.checkpoint import rename_keys, short_keys
+
 __all__ = [
     "IGNORED_KEYS",
     "KEY_MAP",
@@ -134,12 +136,6 @@ IGNORED_KEYS: list[str] = [
 _ALIAS = ("model.stllm_model.embed_tokens.weight", "model.embed_tokens.weight")
 
 
-def _short(keys, limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _hint(subfolder: str) -> str:
     from prune.adapters.st_llm import HF_REPO
 
@@ -168,34 +164,22 @@ def convert_state_dict(original: Mapping[str, Tensor]) -> dict[str, Tensor]:
         ValueError: keys that match no rule (all listed), a q/v bias without its partner, two keys mapping to one
             name, or ``model.stllm_model.embed_tokens.weight`` differing from ``model.embed_tokens.weight``.
     """
-    converted: dict[str, Tensor] = {}
     biases: dict[str, dict[str, Tensor]] = {}
-    unmapped: list[str] = []
     if all(k in original for k in _ALIAS) and not torch.equal(original[_ALIAS[0]], original[_ALIAS[1]]):
         raise ValueError(f"{_ALIAS[0]} differs from {_ALIAS[1]}; they are one module in STLLMForCausalLM")
-    for key, tensor in original.items():
-        if any(re.search(p, key) for p in IGNORED_KEYS):
-            continue
+
+    def qv_bias(key: str, tensor: Tensor) -> bool:  # EVA's separate q/v biases, fused below
         for pattern, prefix in _QV_BIAS:
-            m = re.fullmatch(pattern, key)
-            if m:
+            if m := re.fullmatch(pattern, key):
                 biases.setdefault(m.expand(prefix), {})[m.group("b")] = tensor
-                break
-        else:
-            for pattern, replacement in KEY_MAP:
-                m = re.fullmatch(pattern, key)
-                if m:
-                    new_key = m.expand(replacement)
-                    if new_key in converted:
-                        raise ValueError(f"two original keys map to {new_key!r} (second: {key!r})")
-                    converted[new_key] = tensor
-                    break
-            else:
-                unmapped.append(key)
+                return True
+        return False
+
+    converted, unmapped = rename_keys(original, KEY_MAP, IGNORED_KEYS, claim=qv_bias)
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} original key(s) match no ST-LLM rule (is this an STLLMForCausalLM checkpoint with "
-            f"model_type instructblip_vicuna0_btadapter?): {_short(unmapped)}"
+            f"model_type instructblip_vicuna0_btadapter?): {short_keys(unmapped)}"
         )
     for prefix, pair in biases.items():
         if set(pair) != {"q", "v"}:
@@ -357,12 +341,12 @@ def build_model(
     missing, unexpected = sorted(set(expected) - set(converted)), sorted(set(converted) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint does not fit the ST-LLM model: missing {len(missing)} key(s) [{_short(missing)}]; "
-            f"unexpected {len(unexpected)} key(s) [{_short(unexpected)}]"
+            f"checkpoint does not fit the ST-LLM model: missing {len(missing)} key(s) [{short_keys(missing)}]; "
+            f"unexpected {len(unexpected)} key(s) [{short_keys(unexpected)}]"
         )
     shapes = [f"{k}: {tuple(converted[k].shape)} vs {tuple(s)}" for k, s in expected.items() if converted[k].shape != s]
     if shapes:
-        raise ValueError(f"shape mismatch: {_short(shapes)}")
+        raise ValueError(f"shape mismatch: {short_keys(shapes)}")
     model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     _reset_non_persistent(model)
     return model.eval()
