@@ -40,7 +40,6 @@ __all__ = [
     "SCORING_KERNELS",
     "StageClock",
     "register_scoring_kernels",
-    "synced_now",
 ]
 
 # Stock kernel name -> our wrapper's name. The mask function of the stock kernel is reused under the new name, or
@@ -396,10 +395,3 @@ class StageClock:
         for (_, a), (name, b) in zip(self._marks, self._marks[1:], strict=False):
             out[name] = a.elapsed_time(b) / 1000 if self.cuda else b - a
         return out
-
-
-def synced_now(device: torch.device) -> float:
-    """``time.perf_counter()`` after the device's queued work has finished (CUDA is asynchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
