@@ -22,10 +22,11 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-__all__ = ["Cell", "Experiment", "build_table", "load_experiment", "sweep_commands"]
+__all__ = ["Cell", "Experiment", "build_table", "load_experiment", "split_overrides", "sweep_commands"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiment"
+GRID = ("model", "benchmark", "prune", "ratio")
 KEYS = {"name", "title", "models", "benchmarks", "methods", "published", "published_names", "overrides"}
 
 
@@ -134,6 +135,25 @@ def load_experiment(name: str, restrict: dict[str, str] | None = None) -> Experi
         published_names=tuple((k, tuple(v.items())) for k, v in names.items()),
         overrides=tuple(raw.get("overrides") or ()),
     )
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str], Path | None]:
+    """Command-line ``key=value`` overrides of ``make sweep``/``make tables``, sorted by role.
+
+    Returns:
+        The grid restrictions (``model``/``benchmark``/``prune``/``ratio``, for :func:`load_experiment`), the other
+        overrides (passed on to every cell), and ``results_dir`` when given (it decides which records exist).
+    """
+    restrict, extra, results = {}, [], None
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in GRID:
+            restrict[key] = value
+        elif key == "results_dir":
+            results = Path(value)
+        else:
+            extra.append(override)
+    return restrict, extra, results
 
 
 def sweep_commands(exp: Experiment, results_dir: Path, extra: Sequence[str] = (), launcher: str | None = None):

@@ -13,10 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.experiments import build_table, load_experiment  # noqa: E402
+from eval.experiments import build_table, load_experiment, split_overrides  # noqa: E402
 from eval.tables import write_tables  # noqa: E402
-
-GRID = ("model", "benchmark", "prune", "ratio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,15 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the Δaccuracy CIs")
     ap.add_argument("overrides", nargs="*", help="model=/benchmark=/prune=/ratio= restrict the experiment's grid")
     args = ap.parse_args(argv)
-    for o in args.overrides:  # results_dir= as for make eval
-        if o.startswith("results_dir="):
-            args.results = Path(o.split("=", 1)[1])
+    restrict, _, results = split_overrides(args.overrides)
+    args.results = results or args.results  # results_dir= as for make eval
     if not args.exp:
         for path in write_tables(args.results):
             print(f"wrote {path}")
         return 0
     try:
-        exp = load_experiment(args.exp, dict(o.split("=", 1) for o in args.overrides if o.split("=", 1)[0] in GRID))
+        exp = load_experiment(args.exp, restrict)
     except ValueError as err:
         print(f"vidprune: error: {err}", file=sys.stderr)
         return 2

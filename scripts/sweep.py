@@ -20,9 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.experiments import load_experiment, shell, sweep_commands  # noqa: E402
-
-GRID = ("model", "benchmark", "prune", "ratio")
+from eval.experiments import load_experiment, shell, split_overrides, sweep_commands  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    restrict = dict(o.split("=", 1) for o in args.overrides if o.split("=", 1)[0] in GRID)
-    extra = [o for o in args.overrides if o.split("=", 1)[0] not in (*GRID, "results_dir")]
-    for o in args.overrides:  # results_dir= (as for make eval) decides which records count as done
-        if o.startswith("results_dir="):
-            args.results = Path(o.split("=", 1)[1])
+    restrict, extra, results = split_overrides(args.overrides)
+    args.results = results or args.results  # results_dir= (as for make eval) decides which records count as done
     try:
         exp = load_experiment(args.experiment, restrict)
     except ValueError as err:
