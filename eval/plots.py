@@ -37,7 +37,8 @@ X_LABELS = {
     "layer_avg_retained_pct": "layer-averaged visual tokens (%)",
 }
 PANEL_IN = (4.0, 3.0)  # width, height of one subplot in inches
-LEGEND_IN = 0.6  # height of the legend strip under the panels
+LEGEND_IN = 0.6  # height of one row of the legend strip under the panels
+LEGEND_PER_PANEL = 3  # legend entries that fit side by side under one panel's width
 DPI = 100
 # Fixed colours per method so a method keeps its colour across figures and runs; unknown ones take the rest in order.
 COLOURS = {
@@ -57,9 +58,18 @@ RC = {
 }
 
 
-def figure_size(n_rows: int, n_cols: int, dpi: int = DPI) -> tuple[int, int]:
-    """Pixel size ``(width, height)`` of a saved PNG with ``n_rows`` models × ``n_cols`` benchmarks."""
-    width, height = PANEL_IN[0] * n_cols, PANEL_IN[1] * n_rows + LEGEND_IN
+def legend_columns(n_entries: int, n_cols: int) -> int:
+    """Legend entries per row: as many as fit under ``n_cols`` panels, so no entry is cut off."""
+    return max(1, min(n_entries, LEGEND_PER_PANEL * n_cols))
+
+
+def figure_size(n_rows: int, n_cols: int, dpi: int = DPI, n_legend: int = 0) -> tuple[int, int]:
+    """Pixel size ``(width, height)`` of a saved PNG with ``n_rows`` models × ``n_cols`` benchmarks.
+
+    ``n_legend`` legend entries wrap into as many rows as they need (one row when 0 or when they fit).
+    """
+    legend_rows = math.ceil(n_legend / legend_columns(n_legend, n_cols)) if n_legend else 1
+    width, height = PANEL_IN[0] * n_cols, PANEL_IN[1] * n_rows + LEGEND_IN * legend_rows
     return round(width * dpi), round(height * dpi)
 
 
@@ -128,7 +138,8 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
     models = sorted(df.model.astype(str).unique())
     benchmarks = sorted(df.benchmark.astype(str).unique())
     colours = _colours(sorted(m for m in df.prune.astype(str).unique() if m != "none"))
-    width, height = figure_size(len(models), len(benchmarks), DPI)
+    methods = set(df.prune.astype(str))
+    width, height = figure_size(len(models), len(benchmarks), DPI, n_legend=len(methods))
     paths: list[Path] = []
     with plt.rc_context(RC):
         for metric, label in METRICS.items():
@@ -154,7 +165,8 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
                 for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
                     handles.setdefault(name, handle)
             order = [*sorted(n for n in handles if n != "none"), *(["none"] if "none" in handles else [])]
-            fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=max(1, len(order)))
+            ncols = legend_columns(len(order), len(benchmarks))
+            fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=ncols)
             for suffix, metadata in ((".png", {"Software": None}), (".svg", {"Date": None})):
                 path = out / f"{stem}_{metric}{suffix}"
                 fig.savefig(path, dpi=DPI, metadata=metadata)
