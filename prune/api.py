@@ -30,6 +30,7 @@ __all__ = [
     "LayerInput",
     "LayerSpec",
     "PreLLMOutput",
+    "Solved",
     "Strategy",
     "TokenBudget",
     "VideoTokens",
@@ -121,6 +122,26 @@ class VideoTokens:
 
 
 @dataclass(frozen=True)
+class Solved:
+    """The knobs a budget solver chose for one sample (:mod:`prune.budget`), and what they achieve.
+
+    Attributes:
+        knobs: ``(field, value)`` pairs set on the strategy for this sample, pre-LLM knobs first.
+        budget: the target fraction.
+        measure: ``tokens_in``, ``final``, ``layer_avg`` or ``flops``.
+        achieved: the achieved fraction under ``measure``.
+        reachable: ``achieved`` is within the solver's tolerance of ``budget``; ``False`` means the method could not
+            get closer (its structure or its integer counts) and ``achieved`` is the nearest value it can reach.
+    """
+
+    knobs: tuple[tuple[str, float], ...]
+    budget: float
+    measure: str
+    achieved: float
+    reachable: bool
+
+
+@dataclass(frozen=True)
 class PreLLMOutput:
     """What the pre-LLM stage hands to the adapter.
 
@@ -131,11 +152,13 @@ class PreLLMOutput:
         groups: sizes of consecutive groups of ``tokens`` (summing to ``n``) for strategies whose in-LLM stage selects
             per group (PruneVid: per segment the static group, then one dynamic group per frame). ``()`` means
             the strategy does not use groups.
+        solved: the knobs a budget solver chose for this sample (``budget=`` runs); ``None`` otherwise.
     """
 
     tokens: Tensor
     assignment: Tensor
     groups: tuple[int, ...] = ()
+    solved: Solved | None = None
 
     def __post_init__(self) -> None:
         assert self.tokens.dim() == 2, f"tokens must be [n, D], got {tuple(self.tokens.shape)}"

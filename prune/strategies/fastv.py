@@ -153,7 +153,11 @@ class FastV:
         Raises:
             ValueError: ``K >= num_layers`` (no layer would see the pruned sequence).
         """
+        return self.planned_counts(pre.n, num_layers)
+
+    def planned_counts(self, n_in: int, num_layers: int) -> tuple[int, ...]:
+        """Budget-exact: ``N`` before layer K, ``keep_count(ratio, N)`` from K on (``prune.budget``)."""
         if self.layer >= num_layers:
             raise ValueError(f"fastv: layer K={self.layer} must be in 1..{num_layers - 1} for {num_layers} layers")
-        keep = keep_count(self.ratio, pre.n)
-        return (pre.n,) * self.layer + (keep,) * (num_layers - self.layer)
+        keep = keep_count(self.ratio, n_in)
+        return (n_in,) * self.layer + (keep,) * (num_layers - self.layer)

@@ -371,10 +371,21 @@ class HieraVid:
         Raises:
             ValueError: ``num_layers`` differs from the ``num_layers`` the schedule was built for.
         """
+        return self._counts(pre.n, int(pre.assignment.numel()), num_layers)
+
+    def planned_counts(self, n_in: int, num_layers: int) -> tuple[int, ...]:
+        """The schedule before the content is seen: :meth:`pre_llm_count` tokens in, then the stage counts.
+
+        The pre-LLM levels can keep fewer (static merging leaves fewer candidates); ``prune.budget`` then re-solves
+        the ratio on the real pre-LLM output with :meth:`layer_counts`.
+        """
+        return self._counts(self.pre_llm_count(n_in), n_in, num_layers)
+
+    def _counts(self, n_pre: int, n_in: int, num_layers: int) -> tuple[int, ...]:
         if num_layers != self.num_layers:
             raise ValueError(f"hieravid was configured for num_layers={self.num_layers}, got {num_layers}")
         self._check_boundaries()
-        counts = (pre.n, *self.stage_counts(pre.n, int(pre.assignment.numel())))
+        counts = (n_pre, *self.stage_counts(n_pre, n_in))
         out: list[int] = []
         for width, count in zip(self._widths(), counts, strict=True):
             out.extend([count] * width)

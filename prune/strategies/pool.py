@@ -177,3 +177,7 @@ class Pool:
 
     def layer_counts(self, pre: PreLLMOutput, num_layers: int) -> tuple[int, ...]:
         return (pre.n,) * num_layers
+
+    def planned_counts(self, n_in: int, num_layers: int) -> tuple[int, ...]:
+        """Budget-exact: ``keep_count(ratio, N)`` at every layer, whatever the content (``prune.budget``)."""
+        return (keep_count(self.ratio, n_in),) * num_layers

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -411,6 +412,8 @@ class PruneVid:
     k: int = 7
     seed: int = 0
     name: str = "prunevid"
+    # prune.budget: stage 1's merging ratio γ sets the tokens entering the LLM, then α is solved on stage 1's output.
+    budget_knobs: ClassVar[tuple[str, ...]] = ("cluster_ratio", "ratio")
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
