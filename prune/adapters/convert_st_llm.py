@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from prune.adapters.checkpoint import rename_keys, short_keys
+from prune.adapters.st_llm import HF_REPO, HF_SUBFOLDER, StLlm, st_llm_config
 
 __all__ = [
     "IGNORED_KEYS",
@@ -67,6 +68,7 @@ __all__ = [
     "config_from_original",
     "convert_state_dict",
     "load_original",
+    "load_st_llm",
 ]
 
 _VE = r"model\.stllm_model\.visual_encoder\."
@@ -137,8 +139,6 @@ _ALIAS = ("model.stllm_model.embed_tokens.weight", "model.embed_tokens.weight")
 
 
 def _hint(subfolder: str) -> str:
-    from prune.adapters.st_llm import HF_REPO
-
     return (
         f"download `huggingface-cli download {HF_REPO} --include '{subfolder}/*'` (about 16 GB: "
         f"{subfolder}/pytorch_model-00001-of-00002.bin 9.98 GB, -00002-of-00002.bin 6.09 GB, "
@@ -219,8 +219,6 @@ def config_from_original(
         ValueError: missing fields or tensors, or shapes that disagree.
     """
     from transformers import InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
-
-    from prune.adapters.st_llm import st_llm_config
 
     ve, qf = "model.stllm_model.visual_encoder.", "model.stllm_model.Qformer.bert."
     need = [
@@ -331,8 +329,6 @@ def build_model(
         ValueError: unmapped original keys, converted keys the model lacks, model keys the checkpoint lacks, or
             shape mismatches (each listed).
     """
-    from prune.adapters.st_llm import StLlm
-
     config = config_from_original(original_config, weights, vision_heads=vision_heads, qformer_heads=qformer_heads)
     converted = convert_state_dict(weights)
     with torch.device("meta"):
@@ -410,3 +406,48 @@ def load_original(path_or_repo: str | os.PathLike[str], subfolder: str = "QA_wei
         else:
             weights.update(torch.load(directory / shard, map_location="cpu", weights_only=True, mmap=True))
     return weights, config
+
+
+def load_st_llm(
+    path_or_repo: str = HF_REPO,
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    device_map: str | torch.device | None = None,
+    *,
+    subfolder: str = HF_SUBFOLDER,
+    vision_heads: int = 16,
+    qformer_heads: int = 12,
+) -> StLlm:
+    """Load the released ST-LLM checkpoint (``STLLMForCausalLM`` ``.bin`` shards) as an :class:`StLlm`.
+
+    It lives with the converter, not the adapter, so the import runs one way: converter -> adapter.
+
+    Args:
+        path_or_repo: a hub repo id, or a local directory holding ``config.json`` and the weights (either directly or
+            in ``subfolder``).
+        dtype: parameter dtype.
+        attn_implementation: the LLM's attention (``sdpa``, ``eager``, ``flash_attention_2``).
+        device_map: ``None`` (CPU), a device (``"cuda"``, ``"cuda:0"``) or ``"auto"`` (CUDA when available).
+        subfolder: ``QA_weight`` (MCQ/QA model, the default) or ``conversation_weight``.
+        vision_heads: EVA ViT-g heads (1408 // 88 = 16); not recoverable from tensor shapes.
+        qformer_heads: Q-Former heads (BERT-base: 12).
+
+    Raises:
+        FileNotFoundError: the weights are missing; the message says what to download.
+    """
+    weights, original_config = load_original(path_or_repo, subfolder=subfolder)
+    model = build_model(
+        weights,
+        original_config,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        vision_heads=vision_heads,
+        qformer_heads=qformer_heads,
+    )
+    if device_map == "auto":
+        device_map = "cuda" if torch.cuda.is_available() else None
+    if isinstance(device_map, dict):
+        raise ValueError("device_map must be None, 'auto' or one device; ST-LLM is loaded on a single device")
+    if device_map is not None:
+        model = model.to(device_map)
+    return model.eval()

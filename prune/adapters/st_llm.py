@@ -105,7 +105,6 @@ __all__ = [
     "StLlm",
     "StLlmAdapter",
     "drop_leading_visual",
-    "load_st_llm",
     "preprocess_st_llm",
     "st_llm_config",
     "st_llm_input_ids",
@@ -327,53 +326,6 @@ def tiny_st_llm(seed: int = 0, attn_implementation: str = "sdpa", llm_layers: in
                     d = p.numel() // 3
                     p.normal_(std=0.1)
                     p[d : 2 * d] = 0.0  # EVA has no key bias
-    return model.eval()
-
-
-def load_st_llm(
-    path_or_repo: str = HF_REPO,
-    dtype: torch.dtype = torch.bfloat16,
-    attn_implementation: str = "sdpa",
-    device_map: str | torch.device | None = None,
-    *,
-    subfolder: str = HF_SUBFOLDER,
-    vision_heads: int = 16,
-    qformer_heads: int = 12,
-) -> StLlm:
-    """Load the released ST-LLM checkpoint (``STLLMForCausalLM`` ``.bin`` shards) through the converter.
-
-    Args:
-        path_or_repo: a hub repo id, or a local directory holding ``config.json`` and the weights (either directly or
-            in ``subfolder``).
-        dtype: parameter dtype.
-        attn_implementation: the LLM's attention (``sdpa``, ``eager``, ``flash_attention_2``).
-        device_map: ``None`` (CPU), a device (``"cuda"``, ``"cuda:0"``) or ``"auto"`` (CUDA when available).
-        subfolder: ``QA_weight`` (MCQ/QA model, the default) or ``conversation_weight``.
-        vision_heads: EVA ViT-g heads (1408 // 88 = 16); not recoverable from tensor shapes.
-        qformer_heads: Q-Former heads (BERT-base: 12).
-
-    Raises:
-        FileNotFoundError: the weights are missing; the message says what to download.
-    """
-    from prune.adapters.convert_st_llm import load_original
-
-    weights, original_config = load_original(path_or_repo, subfolder=subfolder)
-    from prune.adapters.convert_st_llm import build_model
-
-    model = build_model(
-        weights,
-        original_config,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        vision_heads=vision_heads,
-        qformer_heads=qformer_heads,
-    )
-    if device_map == "auto":
-        device_map = "cuda" if torch.cuda.is_available() else None
-    if isinstance(device_map, dict):
-        raise ValueError("device_map must be None, 'auto' or one device; ST-LLM is loaded on a single device")
-    if device_map is not None:
-        model = model.to(device_map)
     return model.eval()
 
 

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from prune.adapters.convert_st_llm import build_model, convert_state_dict, load_original
+from prune.adapters.convert_st_llm import build_model, convert_state_dict, load_original, load_st_llm
 from prune.adapters.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from prune.adapters.st_llm import (
     HF_REPO,
@@ -23,7 +23,6 @@ from prune.adapters.st_llm import (
     PLACEHOLDER_ID,
     TEXT_BOS_ID,
     StLlmAdapter,
-    load_st_llm,
     preprocess_st_llm,
     st_llm_input_ids,
     st_llm_prompt,
