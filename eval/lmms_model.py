@@ -68,7 +68,7 @@ class VidPruneLMM(lmms):
         if kwargs.get("batch_size") not in (None, 1, "1"):
             raise ValueError(f"vidprune runs one video at a time: batch_size must be 1, got {kwargs['batch_size']!r}")
         if backbone is None:
-            from eval.runner import compose_config, make_backbone
+            from eval.config import compose_config, make_backbone
 
             extra = [o for o in str(overrides).split() if o]
             cfg = compose_config([f"model={model}", f"prune={prune}", f"ratio={ratio}", *extra])

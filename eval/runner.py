@@ -21,41 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from eval.config import CONFIGS, REPO, compose_config, make_backbone, make_strategy
 from eval.records import SampleLog, build_record, config_hash, environment
 
 __all__ = ["compose_config", "make_backbone", "run", "run_cell"]
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """``configs/eval.yaml`` with Hydra overrides, outside ``@hydra.main`` (tests, the lmms-eval CLI route)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose("eval", overrides=overrides)
-
-
-def make_strategy(cfg: DictConfig):
-    """Instantiate ``cfg.prune`` (raises ValueError naming the accepted range for a bad ratio)."""
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(cfg.prune)
-    except Exception as err:  # Hydra wraps the strategy's ValueError
-        cause = err.__cause__ or err
-        raise ValueError(f"prune={cfg.prune._target_.rsplit('.', 1)[-1]}: {cause}") from err
-
-
-def make_backbone(cfg: DictConfig):
-    """Build the strategy and the backbone it runs on."""
-    from eval.backbones import build_backbone
-
-    strategy = make_strategy(cfg)
-    return build_backbone(OmegaConf.to_container(cfg.model, resolve=True), strategy, cfg.device)
 
 
 def _seed_everything(seed: int, threads: int | None) -> None:
