@@ -1,30 +1,35 @@
 """Backbones for the eval spine: load a model per ``configs/model/*.yaml`` and answer one prompt about one video.
 
 A :class:`Backbone` decodes the video with decord, samples frames uniformly (lmms-eval's ``linspace``), preprocesses
-them without torchvision, builds the chat prompt, runs the pruned model through its adapter and returns the answer
-with the per-sample stats the records need. Model surgery stays in ``prune/adapters``; this module is glue.
+them with its family's transform, builds the family's chat prompt, runs the pruned model through its adapter and
+returns the answer with the per-sample stats the records need. Model surgery stays in ``prune/adapters``.
 
-What differs between model families (adapter class, loaders, preprocessing, prompt, tokenizers, the fail-fast check
-for missing weights) is one :class:`Family` entry in :data:`FAMILIES`; :func:`build_backbone` is the same for all.
+This module is the part every family shares. What differs between families (adapter, loaders, preprocessing, prompt,
+tokenizers, the fail-fast check for missing weights) is one :class:`~eval.families.contract.Family` entry, ``FAMILY``,
+in the family's own module ``eval/families/<family>.py``; :data:`FAMILIES` collects them by discovery (every module
+of that package that defines ``FAMILY``), and :func:`build_backbone` is the same for all. Adding a backbone touches no
+line here (docs/backbones.md, "Adding a backbone").
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
-import re
+import pkgutil
 import resource
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eval import families
+from eval.families.contract import BackboneUnavailable, ByteIdTokenizer, Family
 from prune.adapters import VideoAdapter
-from prune.adapters.llava_onevision import LlavaOnevisionAdapter
-from prune.adapters.preprocess import preprocess_video, sample_frame_indices
+from prune.adapters.preprocess import sample_frame_indices
 from prune.api import Strategy
 from prune.flops import LLMShape
 
@@ -34,132 +39,11 @@ __all__ = [
     "Backbone",
     "BackboneUnavailable",
     "ByteIdTokenizer",
-    "ByteTokenizer",
     "Family",
     "build_backbone",
+    "flops_of",
     "load_frames",
 ]
-
-IM_START, IM_END = 151644, 151645  # Qwen2 chat special tokens
-QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-QWEN_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
-
-
-class BackboneUnavailable(RuntimeError):
-    """The backbone cannot be built here: missing weights or an unknown family. The message says what to do."""
-
-
-class ByteTokenizer:
-    """Tokenizer-free ids for tiny random models: UTF-8 bytes as ids 0..255, Qwen chat markers as their real ids.
-
-    Decoding maps every id to ``id % 256`` as a byte, so a random model's output is deterministic garbage text.
-    """
-
-    eos_token_ids = (IM_END,)
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for i, part in enumerate(text.split("<|im_start|>")):
-            if i:
-                ids.append(IM_START)
-            for j, piece in enumerate(part.split("<|im_end|>")):
-                if j:
-                    ids.append(IM_END)
-                ids += list(piece.encode("utf-8"))
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i % 256 for i in ids if i not in self.eos_token_ids).decode("utf-8", errors="replace")
-
-
-class ByteIdTokenizer:
-    """Tokenizer-free ids for the tiny Llama-family models and the tiny Q-Former: UTF-8 bytes as ids 0..255.
-
-    The special strings a family's prompt needs (``<s>``, ``</s>``, ``<image>``) map to their real ids, so the prompt
-    builders see the layout of the real tokenizer. It is callable like a Hugging Face tokenizer (``input_ids`` and
-    ``attention_mask`` lists; ``add_special_tokens`` prepends ``bos_token_id``; ``truncation`` keeps ``max_length``
-    ids from ``truncation_side``), so the family's own prompt functions (``st_llm_input_ids``) take it unchanged.
-    Byte ids can coincide with Llama's specials 0..2 only for control characters, which prompts do not contain.
-
-    Args:
-        specials: special string -> id, matched before the bytes.
-        bos_token_id: prepended when ``add_special_tokens`` is true; ``None`` prepends nothing.
-        eos_token_ids: the generation stops after one of these.
-        stops: decoded text is cut at the first of these strings.
-        truncation_side: ``"right"`` or ``"left"`` (the ST-LLM Q-Former keeps the end of a long question).
-    """
-
-    def __init__(
-        self,
-        specials: Mapping[str, int] | None = None,
-        bos_token_id: int | None = None,
-        eos_token_ids: tuple[int, ...] = (),
-        stops: tuple[str, ...] = (),
-        truncation_side: str = "right",
-    ) -> None:
-        if truncation_side not in ("left", "right"):
-            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
-        self.specials = dict(specials or {})
-        self.bos_token_id, self.eos_token_ids = bos_token_id, tuple(eos_token_ids)
-        self.stops, self.truncation_side = tuple(stops), truncation_side
-        # Longest first, so a special that contains another wins.
-        names = sorted(self.specials, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text`` without BOS."""
-        if self._split is None:
-            return list(text.encode("utf-8"))
-        ids: list[int] = []
-        for piece in self._split.split(text):
-            ids += [self.specials[piece]] if piece in self.specials else list(piece.encode("utf-8"))
-        return ids
-
-    def __call__(
-        self, text: str, add_special_tokens: bool = True, truncation: bool = False, max_length: int | None = None
-    ) -> dict[str, list[int]]:
-        ids = self.encode(text)
-        if add_special_tokens and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        if truncation and max_length is not None and len(ids) > max_length:
-            ids = ids[len(ids) - max_length :] if self.truncation_side == "left" else ids[:max_length]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-
-    def decode(self, ids: list[int]) -> str:
-        """Bytes ``id % 256``, special and EOS ids dropped, cut at the first stop string."""
-        skip = {*self.eos_token_ids, *self.specials.values(), self.bos_token_id}
-        return _cut(bytes(i % 256 for i in ids if i not in skip).decode("utf-8", errors="replace"), self.stops)
-
-
-class _HFTokenizer:
-    """A Hugging Face tokenizer with the ``encode``/``decode``/``eos_token_ids`` the :class:`Backbone` uses.
-
-    ``eos_token_ids=None`` keeps the Qwen chat rule (the tokenizer's EOS and ``<|im_end|>``); Llama families pass
-    theirs, since ``<|im_end|>`` would resolve to ``<unk>`` there. Calling it calls the wrapped tokenizer.
-    """
-
-    def __init__(self, tok, eos_token_ids: tuple[int, ...] | None = None, stops: tuple[str, ...] = ()) -> None:
-        self.tok, self.stops = tok, tuple(stops)
-        if eos_token_ids is None:
-            ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-            eos_token_ids = tuple(i for i in ids if isinstance(i, int) and i >= 0)
-        self.eos_token_ids = tuple(eos_token_ids)
-
-    def __call__(self, text: str, **kwargs: Any) -> Any:
-        return self.tok(text, **kwargs)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return _cut(self.tok.decode(ids, skip_special_tokens=True), self.stops)
-
-
-def _cut(text: str, stops: tuple[str, ...]) -> str:
-    for stop in stops:
-        if stop in text:
-            text = text[: text.index(stop)]
-    return text
 
 
 def load_frames(path: str, num_frames: int) -> tuple[Any, int]:
@@ -206,7 +90,7 @@ class Prepared:
     Attributes:
         input_ids: ``[1, S]`` prompt ids with the adapter's placeholder.
         pixels: ``[1, T, 3, H, W]`` preprocessed frames.
-        inputs: extra model inputs (ST-LLM: Q-Former question ids).
+        inputs: extra model inputs the family's prompt builds (none for most families).
         frames: ``[T, H0, W0, 3]`` uint8 sampled frames as decoded (for pictures).
         frames_in_video: the video's own frame count.
         timings: seconds of ``video_decode`` and ``preprocess``.
@@ -239,13 +123,9 @@ class Backbone:
     tokenizer: Any
     num_frames: int
     device: torch.device
-    preprocess: Callable[[Any], torch.Tensor] = preprocess_video
-    prompt: Callable[[Backbone, str], tuple[torch.Tensor, dict[str, Any]]] = field(default=None)  # type: ignore[assignment]
+    preprocess: Callable[[Any], torch.Tensor]
+    prompt: Callable[[Backbone, str], tuple[torch.Tensor, dict[str, Any]]]
     warm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.prompt is None:
-            self.prompt = qwen_prompt
 
     @property
     def llm_shape(self) -> LLMShape:
@@ -336,18 +216,6 @@ class Backbone:
         return text, stats
 
 
-def qwen_prompt(backbone: Backbone, context: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Qwen chat prompt (lmms-eval's ``qwen_1_5`` template) with one ``<video>`` placeholder before the text."""
-    prefix = backbone.tokenizer.encode(QWEN_SYSTEM)
-    suffix = backbone.tokenizer.encode("\n" + context + QWEN_ASSISTANT)
-    return torch.tensor([prefix + [backbone.adapter.placeholder_id] + suffix]), {}
-
-
-# (backbone, context) -> ([1, S] ids, extra model inputs); and (model cfg, device, dtype, attention) -> model.
-PromptFn = Callable[[Backbone, str], tuple[torch.Tensor, dict[str, Any]]]
-Loader = Callable[[Mapping[str, Any], torch.device, torch.dtype, str], Any]
-
-
 def _dtype(name: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -355,384 +223,22 @@ def _dtype(name: str) -> torch.dtype:
         raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}") from err
 
 
-def _hf_home() -> str:
-    return os.environ.get("HF_HOME", "~/.cache/huggingface")
-
-
-def _require_local(checkpoint: str, download: bool) -> None:
-    """Fail fast, before any network wait, when a hub checkpoint is not on this machine."""
-    if download or os.path.isdir(checkpoint):
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(checkpoint, "config.json"), str):
-        raise BackboneUnavailable(
-            f"weights for {checkpoint!r} are not on this machine (looked in {checkpoint!r} as a folder and in the "
-            f"Hugging Face cache under HF_HOME={_hf_home()}). Get them with "
-            f"`huggingface-cli download {checkpoint}`, or pass model.download=true to let from_pretrained fetch them."
-        )
-
-
-def _missing(source: str, files: tuple[str, ...]) -> list[str]:
-    """Which of ``files`` are absent from ``source``: a local folder, else a hub repo id looked up in the HF cache.
-
-    Only the cache is read (``try_to_load_from_cache``), never the network, so a missing checkpoint fails at once.
-    """
-    if os.path.isdir(source):
-        return [f for f in files if not os.path.exists(os.path.join(source, f))]
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", source) is None:
-        return list(files)  # neither a folder nor a repo id: nothing of it can be here
-    from huggingface_hub import try_to_load_from_cache
-
-    return [f for f in files if not isinstance(try_to_load_from_cache(source, f), str)]
-
-
-# -- LLaVA-OneVision / LLaVA-Video --------------------------------------------------------------------------------
-
-
-def _ov_tiny(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.llava_onevision import tiny_llava_onevision
-
-    model = tiny_llava_onevision(seed=int(cfg.get("seed", 0)), attn_implementation=attn, llm_layers=cfg["llm_layers"])
-    return model.to(dev, dtype)
-
-
-def _ov_hf(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.llava_onevision import load_llava_onevision
-
-    return load_llava_onevision(cfg["checkpoint"], dtype=dtype, attn_implementation=attn).to(dev)
-
-
-def _ov_llava_video(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.convert_llava_video import load_llava_video
-
-    return load_llava_video(cfg["checkpoint"], dtype=dtype, attn_implementation=attn).to(dev)
-
-
-def _ov_check(cfg: Mapping[str, Any]) -> None:
-    _require_local(cfg["checkpoint"], download=False)
-
-
-def _ov_tokenizer(cfg: Mapping[str, Any]) -> _HFTokenizer:
-    from transformers import AutoTokenizer
-
-    return _HFTokenizer(AutoTokenizer.from_pretrained(cfg["checkpoint"]))
-
-
-def _ov_adapter(model, strategy: Strategy, cfg: Mapping[str, Any]) -> VideoAdapter:
-    return LlavaOnevisionAdapter(model, strategy, cfg["layout"], num_frames=int(cfg["num_frames"]))
-
-
-# -- PLLaVA -------------------------------------------------------------------------------------------------------
-
-# Files of ermu2001/pllava-7b the backbone reads: the converter's config and shard index, and the tokenizer the
-# official eval loads from the same folder (PllavaProcessor.from_pretrained(repo_id) in tasks/eval/model_utils.py).
-_PLLAVA_WEIGHTS = ("config.json", "model.safetensors.index.json")
-_PLLAVA_TOKENIZER = ("tokenizer_config.json",)
-
-
-def _pllava_tiny(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.pllava import tiny_pllava
-
-    return tiny_pllava(seed=int(cfg.get("seed", 0)), attn_implementation=attn, llm_layers=cfg["llm_layers"]).to(
-        dev, dtype
-    )
-
-
-def _pllava_checkpoint(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.convert_pllava import DEFAULT_LORA_ALPHA
-    from prune.adapters.pllava import load_pllava
-
-    alpha = cfg.get("lora_alpha")
-    alpha = DEFAULT_LORA_ALPHA if alpha is None else float(alpha)
-    return load_pllava(cfg["checkpoint"], dtype=dtype, attn_implementation=attn, lora_alpha=alpha).to(dev)
-
-
-def _pllava_check(cfg: Mapping[str, Any]) -> None:
-    from prune.adapters.convert_pllava import BASE_REPO
-
-    ckpt = cfg["checkpoint"]
-    # A local export may be a single model.safetensors; the converter checks its shards itself.
-    files = ("config.json",) if os.path.isdir(ckpt) else _PLLAVA_WEIGHTS
-    files += _PLLAVA_TOKENIZER if cfg.get("tokenizer", "bytes") == "checkpoint" else ()
-    missing = _missing(ckpt, files)
-    if missing:
-        raise BackboneUnavailable(
-            f"PLLaVA-7B files {missing} of {ckpt!r} are not on this machine (looked in {ckpt!r} as a folder and in the "
-            f"Hugging Face cache under HF_HOME={_hf_home()}). Get the release with `huggingface-cli download {ckpt}` "
-            "(about 14 GB: config.json, 3 bf16 safetensors shards holding CLIP ViT-L/14-336, the projector, "
-            "Vicuna-7B and the LoRA, and the Llama tokenizer files), or pass model.download=true. The base "
-            f"{BASE_REPO} is not needed, since the release holds the full weights and the tokenizer; only a "
-            "LoRA+projector-only export would need it, and this loader does not merge onto a base."
-        )
-
-
-def _pllava_tokenizer(cfg: Mapping[str, Any]) -> _HFTokenizer:
-    from transformers import AutoTokenizer
-
-    from prune.adapters.pllava import IMAGE_TOKEN_ID
-
-    tok = AutoTokenizer.from_pretrained(cfg["checkpoint"])
-    if tok.convert_tokens_to_ids("<image>") != IMAGE_TOKEN_ID:
-        raise BackboneUnavailable(
-            f"the tokenizer of {cfg['checkpoint']!r} maps <image> to {tok.convert_tokens_to_ids('<image>')}, PLLaVA "
-            f"needs {IMAGE_TOKEN_ID}; use the tokenizer shipped with ermu2001/pllava-7b"
-        )
-    return _HFTokenizer(tok, eos_token_ids=(tok.convert_tokens_to_ids("</s>"),))
-
-
-def _pllava_tiny_tokenizer() -> ByteIdTokenizer:
-    from prune.adapters.pllava import IMAGE_TOKEN_ID
-
-    # Vicuna's <s> = 1 and </s> = 2, and <image> = 32000 of the llava-hf vocabulary the tiny model keeps.
-    return ByteIdTokenizer({"<s>": 1, "</s>": 2, "<image>": IMAGE_TOKEN_ID}, bos_token_id=1, eos_token_ids=(2,))
-
-
-def _pllava_prompt(cfg: Mapping[str, Any]) -> PromptFn:
-    return functools.partial(
-        pllava_inputs,
-        task=cfg.get("prompt_task") or "mvbench",
-        post_query=cfg.get("post_query", "\nOnly give the best option."),
-        answer_prefix=cfg.get("answer_prefix", "Best option:("),
-    )
-
-
-def pllava_inputs(
-    backbone: Backbone, context: str, task: str = "mvbench", post_query: str = "", answer_prefix: str = ""
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """PLLaVA's eval prompt (:func:`~prune.adapters.pllava.pllava_prompt`) as ``[1, S]`` ids, no extra inputs.
-
-    The whole prompt is tokenized with special tokens, as ``PllavaProcessor`` does: ``<s>`` in front and ``<image>``
-    as the single id :data:`~prune.adapters.pllava.IMAGE_TOKEN_ID`.
-
-    Raises:
-        ValueError: the tokenizer did not produce exactly one ``<image>`` id.
-    """
-    from prune.adapters.pllava import IMAGE_TOKEN_ID, pllava_prompt
-
-    text = pllava_prompt(context, task=task, post_query=post_query, answer_prefix=answer_prefix)
-    ids = list(backbone.tokenizer(text)["input_ids"])
-    if ids.count(IMAGE_TOKEN_ID) != 1:
-        raise ValueError(
-            f"the PLLaVA prompt must hold one <image> id {IMAGE_TOKEN_ID}, got {ids.count(IMAGE_TOKEN_ID)}"
-        )
-    return torch.tensor([ids]), {}
-
-
-def _pllava_adapter(model, strategy: Strategy, cfg: Mapping[str, Any]) -> VideoAdapter:
-    from prune.adapters.pllava import PllavaAdapter
-
-    return PllavaAdapter(model, strategy, num_frames=int(cfg["num_frames"]))
-
-
-def _pllava_preprocess(frames: Any) -> torch.Tensor:
-    from prune.adapters.pllava import preprocess_pllava
-
-    return preprocess_pllava(frames)
-
-
-# -- ST-LLM -------------------------------------------------------------------------------------------------------
-
-# bert-base-uncased files AutoTokenizer reads (its tokenizer_config names no class, so config.json is read too).
-_BERT_FILES = ("config.json", "tokenizer_config.json", "vocab.txt")
-
-
-def _st_llm_subfolder(cfg: Mapping[str, Any]) -> str:
-    from prune.adapters.st_llm import HF_SUBFOLDER
-
-    return cfg.get("subfolder") or HF_SUBFOLDER
-
-
-def _st_llm_tiny(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.st_llm import tiny_st_llm
-
-    return tiny_st_llm(seed=int(cfg.get("seed", 0)), attn_implementation=attn, llm_layers=cfg["llm_layers"]).to(
-        dev, dtype
-    )
-
-
-def _st_llm_checkpoint(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
-    from prune.adapters.st_llm import load_st_llm
-
-    return load_st_llm(
-        cfg["checkpoint"], dtype=dtype, attn_implementation=attn, device_map=dev, subfolder=_st_llm_subfolder(cfg)
-    )
-
-
-def _st_llm_check(cfg: Mapping[str, Any]) -> None:
-    from prune.adapters.st_llm import QFORMER_TOKENIZER
-
-    ckpt, sub = cfg["checkpoint"], _st_llm_subfolder(cfg)
-    # tokenizer.model is the one tokenizer file the release is known to hold (docs/st_llm.md); it is enough to load.
-    vicuna = ("tokenizer.model",) if cfg.get("tokenizer", "bytes") == "checkpoint" else ()
-    if os.path.isdir(ckpt):
-        # A local folder is the subfolder itself or holds it; its shards may be unindexed (the converter globs them).
-        folder = os.path.join(ckpt, sub) if os.path.isdir(os.path.join(ckpt, sub)) else ckpt
-        missing = _missing(folder, ("config.json", *vicuna))
-    else:
-        missing = _missing(ckpt, tuple(f"{sub}/{f}" for f in ("config.json", "pytorch_model.bin.index.json", *vicuna)))
-    bert = cfg.get("qformer_tokenizer") or QFORMER_TOKENIZER
-    bert_missing = _missing(bert, _BERT_FILES) if cfg.get("tokenizer", "bytes") == "checkpoint" else []
-    if not missing and not bert_missing:
-        return
-    parts = []
-    if missing:
-        parts.append(
-            f"the ST-LLM-7B files {missing} of {ckpt!r}: get them with `huggingface-cli download {ckpt} --include "
-            f"'{sub}/*'` (about 16 GB: two bf16 .bin shards holding EVA ViT-g, the BT-Adapter, the InstructBLIP "
-            "Q-Former and Vicuna-7B v1.1, their index, config.json and the Vicuna tokenizer; no base weights needed)"
-        )
-    if bert_missing:
-        parts.append(
-            f"the Q-Former tokenizer files {bert_missing} of {bert!r}: get them with `huggingface-cli download {bert} "
-            f"{' '.join(_BERT_FILES)}`"
-        )
-    raise BackboneUnavailable(
-        f"backbone {cfg['name']!r} needs files that are not on this machine (looked in local folders and in the "
-        f"Hugging Face cache under HF_HOME={_hf_home()}): " + "; and ".join(parts) + ". Or pass model.download=true."
-    )
-
-
-def _st_llm_tokenizer(cfg: Mapping[str, Any]) -> _HFTokenizer:
-    from transformers import AutoTokenizer
-
-    from prune.adapters.st_llm import EOS_TOKEN_IDS
-
-    ckpt, sub = cfg["checkpoint"], _st_llm_subfolder(cfg)
-    if os.path.isdir(ckpt):
-        folder = os.path.join(ckpt, sub)
-        tok = AutoTokenizer.from_pretrained(folder if os.path.isdir(folder) else ckpt)
-    else:
-        tok = AutoTokenizer.from_pretrained(ckpt, subfolder=sub)
-    # The official answer is cut at "###", whose two-token form [2277, 29937] no single-id stop catches.
-    return _HFTokenizer(tok, eos_token_ids=EOS_TOKEN_IDS, stops=("###",))
-
-
-def _st_llm_tiny_tokenizer() -> ByteIdTokenizer:
-    from prune.adapters.st_llm import EOS_TOKEN_IDS
-
-    # st_llm_input_ids prepends TEXT_BOS_ID itself, so no BOS here; </s> keeps its real id.
-    return ByteIdTokenizer({"</s>": 2}, eos_token_ids=EOS_TOKEN_IDS, stops=("###",))
-
-
-def _st_llm_prompt(cfg: Mapping[str, Any]) -> PromptFn:
-    from prune.adapters.st_llm import QFORMER_TOKENIZER, QFORMER_TRUNCATION_SIDE
-
-    if cfg.get("tokenizer", "bytes") == "bytes":
-        qformer: Any = ByteIdTokenizer(truncation_side=QFORMER_TRUNCATION_SIDE)  # bytes lie inside BERT's 30523
-    else:
-        from transformers import AutoTokenizer
-
-        qformer = AutoTokenizer.from_pretrained(
-            cfg.get("qformer_tokenizer") or QFORMER_TOKENIZER, truncation_side=QFORMER_TRUNCATION_SIDE
-        )
-    return functools.partial(st_llm_inputs, qformer_tokenizer=qformer)
-
-
-def st_llm_inputs(backbone: Backbone, context: str, qformer_tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """ST-LLM's QA prompt ids (:func:`~prune.adapters.st_llm.st_llm_input_ids`) and the Q-Former's question ids.
-
-    The Q-Former reads ``context`` tokenized as ``STLLMModel`` does: BERT with special tokens, truncated from the
-    left to :data:`~prune.adapters.st_llm.QFORMER_MAX_LEN`.
-
-    Returns:
-        ``[1, S]`` ids and ``{"qformer_input_ids": [1, M], "qformer_attention_mask": [1, M]}``.
-    """
-    from prune.adapters.st_llm import QFORMER_MAX_LEN, st_llm_input_ids
-
-    q = qformer_tokenizer(context, truncation=True, max_length=QFORMER_MAX_LEN)
-    extra = {
-        "qformer_input_ids": torch.tensor([list(q["input_ids"])]),
-        "qformer_attention_mask": torch.tensor([list(q["attention_mask"])]),
-    }
-    return st_llm_input_ids(backbone.tokenizer, context), extra
-
-
-def _st_llm_adapter(model, strategy: Strategy, cfg: Mapping[str, Any]) -> VideoAdapter:
-    from prune.adapters.st_llm import StLlmAdapter
-
-    limit = cfg.get("max_input_tokens")
-    return StLlmAdapter(
-        model, strategy, num_frames=int(cfg["num_frames"]), max_input_tokens=None if limit is None else int(limit)
-    )
-
-
-def _st_llm_preprocess(frames: Any) -> torch.Tensor:
-    from prune.adapters.st_llm import preprocess_st_llm
-
-    return preprocess_st_llm(frames)
-
-
-# -- the table ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between model families; :func:`build_backbone` does the rest the same way for all.
-
-    Attributes:
-        name: the ``family`` value of the model configs.
-        models: the model configs of this family (for messages).
-        adapter: ``(model, strategy, model_cfg)`` to the :class:`~prune.adapters.VideoAdapter`.
-        loaders: ``loader`` value to ``(model_cfg, device, dtype, attn_implementation)`` -> the model on ``device``.
-            ``tiny`` builds a random model from ``seed``; every other loader reads a checkpoint.
-        check: ``model_cfg`` -> raises :class:`BackboneUnavailable` when a checkpoint loader's files (and, with
-            ``tokenizer: checkpoint``, the tokenizers') are not on this machine; reads only local files.
-        preprocess: ``[T, H, W, 3]`` uint8 frames to ``[1, T, 3, h, w]`` pixels.
-        prompt: ``model_cfg`` -> the :attr:`Backbone.prompt` callable (it may load the family's extra tokenizer).
-        tokenizer: ``model_cfg`` -> the checkpoint's tokenizer (``tokenizer: checkpoint``).
-        tiny_tokenizer: the tokenizer-free ids of the tiny model (``tokenizer: bytes``).
-    """
-
-    name: str
-    models: tuple[str, ...]
-    adapter: Callable[[Any, Strategy, Mapping[str, Any]], VideoAdapter]
-    loaders: Mapping[str, Loader]
-    check: Callable[[Mapping[str, Any]], None]
-    preprocess: Callable[[Any], torch.Tensor]
-    prompt: Callable[[Mapping[str, Any]], PromptFn]
-    tokenizer: Callable[[Mapping[str, Any]], Any]
-    tiny_tokenizer: Callable[[], Any]
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family(
-            name="llava_onevision",
-            models=("llava_ov", "llava_video", "tiny_llava_ov", "tiny_llava_video"),
-            adapter=_ov_adapter,
-            loaders={"tiny": _ov_tiny, "hf": _ov_hf, "llava_video": _ov_llava_video},
-            check=_ov_check,
-            preprocess=preprocess_video,
-            prompt=lambda cfg: qwen_prompt,
-            tokenizer=_ov_tokenizer,
-            tiny_tokenizer=ByteTokenizer,
-        ),
-        Family(
-            name="pllava",
-            models=("pllava", "tiny_pllava"),
-            adapter=_pllava_adapter,
-            loaders={"tiny": _pllava_tiny, "checkpoint": _pllava_checkpoint},
-            check=_pllava_check,
-            preprocess=_pllava_preprocess,
-            prompt=_pllava_prompt,
-            tokenizer=_pllava_tokenizer,
-            tiny_tokenizer=_pllava_tiny_tokenizer,
-        ),
-        Family(
-            name="st_llm",
-            models=("st_llm", "tiny_st_llm"),
-            adapter=_st_llm_adapter,
-            loaders={"tiny": _st_llm_tiny, "checkpoint": _st_llm_checkpoint},
-            check=_st_llm_check,
-            preprocess=_st_llm_preprocess,
-            prompt=_st_llm_prompt,
-            tokenizer=_st_llm_tokenizer,
-            tiny_tokenizer=_st_llm_tiny_tokenizer,
-        ),
-    )
-}
+def _discover_families() -> dict[str, Family]:
+    """The ``FAMILY`` entry of every module in ``eval/families/``, by name, in module order."""
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(families.__path__), key=lambda m: m.name):
+        entry = getattr(importlib.import_module(f"eval.families.{info.name}"), "FAMILY", None)
+        if entry is None:
+            continue  # the contract module, helpers
+        if not isinstance(entry, Family):
+            raise TypeError(f"eval/families/{info.name}.py: FAMILY must be a Family, got {type(entry).__name__}")
+        if entry.name in found:
+            raise ValueError(f"eval/families/{info.name}.py: family name {entry.name!r} is taken by another module")
+        found[entry.name] = entry
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover_families()
 IMPLEMENTED = tuple(FAMILIES)
 
 
@@ -741,7 +247,7 @@ def build_backbone(cfg: Mapping[str, Any], strategy: Strategy, device: str = "au
 
     Args:
         cfg: the model config (``family``, ``loader``, ``checkpoint``, ``num_frames``, ``dtype``, ``tokenizer``, and
-            the family's own keys, e.g. PLLaVA's ``lora_alpha``, ST-LLM's ``max_input_tokens``).
+            the family's own keys, which its ``eval/families`` module reads).
         strategy: the pruning method to install.
         device: ``auto`` (CUDA when available), or a torch device string.
 

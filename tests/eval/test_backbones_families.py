@@ -39,6 +39,17 @@ def test_the_family_table_lists_the_three_families():
     assert set(FAMILIES["llava_onevision"].loaders) == {"tiny", "hf", "llava_video"}
 
 
+def test_every_model_config_names_a_discovered_family_and_one_of_its_loaders():
+    from omegaconf import OmegaConf
+
+    for path in sorted((REPO / "configs" / "model").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        family = FAMILIES.get(cfg.family)
+        assert family is not None, f"{path.name}: family {cfg.family!r} has no eval/families module ({IMPLEMENTED})"
+        assert cfg.loader in family.loaders, f"{path.name}: loader {cfg.loader!r} not in {sorted(family.loaders)}"
+        assert cfg.name in family.models, f"{path.name}: add {cfg.name!r} to FAMILY.models of {cfg.family}"
+
+
 @pytest.mark.parametrize("model", sorted(GEOMETRY))
 def test_tiny_models_instantiate_with_the_real_geometry(model):
     cls, frames, grid, tokens = GEOMETRY[model]
@@ -162,14 +173,12 @@ def _word_tokenizer(folder, words: dict[str, int], template: str, specials: list
 def test_checkpoint_tokenizers_build_the_prompts(tmp_path):
     import types
 
-    from eval.backbones import _pllava_tokenizer, _st_llm_prompt, _st_llm_tokenizer
-
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
     llama = _word_tokenizer(tmp_path / "QA_weight", words, "<s> $A", [("<s>", 1)], bos_token="<s>", eos_token="</s>")
     llama.add_special_tokens({"additional_special_tokens": ["<image>"]})  # 32000, as in the llava-hf vocabulary
     llama.save_pretrained(tmp_path)
 
-    tok = _pllava_tokenizer({"checkpoint": str(tmp_path)})
+    tok = FAMILIES["pllava"].tokenizer({"checkpoint": str(tmp_path)})
     ids, extra = FAMILIES["pllava"].prompt({})(types.SimpleNamespace(tokenizer=tok), "Question: w5")
     assert tok.eos_token_ids == (2,) and extra == {}
     assert ids[0, 0] == 1 and int((ids == IMAGE_TOKEN_ID).sum()) == 1
@@ -177,8 +186,8 @@ def test_checkpoint_tokenizers_build_the_prompts(tmp_path):
     bert = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, **{f"q{i}": i for i in range(3, 400)}}
     sep = [("[CLS]", 1), ("[SEP]", 2)]
     _word_tokenizer(tmp_path / "bert", bert, "[CLS] $A [SEP]", sep, cls_token="[CLS]", sep_token="[SEP]")
-    tok = _st_llm_tokenizer({"checkpoint": str(tmp_path)})  # from QA_weight/
-    prompt = _st_llm_prompt({"tokenizer": "checkpoint", "qformer_tokenizer": str(tmp_path / "bert")})
+    tok = FAMILIES["st_llm"].tokenizer({"checkpoint": str(tmp_path)})  # from QA_weight/
+    prompt = FAMILIES["st_llm"].prompt({"tokenizer": "checkpoint", "qformer_tokenizer": str(tmp_path / "bert")})
     ids, extra = prompt(types.SimpleNamespace(tokenizer=tok), " ".join(f"q{i}" for i in range(3, 303)))
     assert tok.eos_token_ids == (2, 835) and ids[0, :2].tolist() == [PLACEHOLDER_ID, TEXT_BOS_ID]
     q = extra["qformer_input_ids"][0].tolist()  # BERT specials kept, the question's start dropped

@@ -1,0 +1,106 @@
+"""LLaVA-OneVision and LLaVA-Video glue: Qwen chat prompt and tokenizers, three loaders, the weight check.
+
+Model surgery is :mod:`prune.adapters.llava_onevision`; LLaVA-Video's original checkpoint is mapped onto the same
+class by :mod:`prune.adapters.convert_llava_video`. Preprocessing is :func:`prune.adapters.preprocess.preprocess_video`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from eval.families.contract import Family, HFTokenizer, require_local
+from prune.adapters import VideoAdapter
+from prune.adapters.llava_onevision import LlavaOnevisionAdapter
+from prune.adapters.preprocess import preprocess_video
+from prune.api import Strategy
+
+if TYPE_CHECKING:
+    from eval.backbones import Backbone
+
+__all__ = ["FAMILY", "ByteTokenizer", "qwen_prompt"]
+
+IM_START, IM_END = 151644, 151645  # Qwen2 chat special tokens
+QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+QWEN_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+class ByteTokenizer:
+    """Tokenizer-free ids for tiny random models: UTF-8 bytes as ids 0..255, Qwen chat markers as their real ids.
+
+    Decoding maps every id to ``id % 256`` as a byte, so a random model's output is deterministic garbage text.
+    """
+
+    eos_token_ids = (IM_END,)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, part in enumerate(text.split("<|im_start|>")):
+            if i:
+                ids.append(IM_START)
+            for j, piece in enumerate(part.split("<|im_end|>")):
+                if j:
+                    ids.append(IM_END)
+                ids += list(piece.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i % 256 for i in ids if i not in self.eos_token_ids).decode("utf-8", errors="replace")
+
+
+def qwen_prompt(backbone: Backbone, context: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Qwen chat prompt (lmms-eval's ``qwen_1_5`` template) with one ``<video>`` placeholder before the text."""
+    prefix = backbone.tokenizer.encode(QWEN_SYSTEM)
+    suffix = backbone.tokenizer.encode("\n" + context + QWEN_ASSISTANT)
+    return torch.tensor([prefix + [backbone.adapter.placeholder_id] + suffix]), {}
+
+
+def _ov_tiny(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
+    from prune.adapters.llava_onevision import tiny_llava_onevision
+
+    model = tiny_llava_onevision(seed=int(cfg.get("seed", 0)), attn_implementation=attn, llm_layers=cfg["llm_layers"])
+    return model.to(dev, dtype)
+
+
+def _ov_hf(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
+    from prune.adapters.llava_onevision import load_llava_onevision
+
+    return load_llava_onevision(cfg["checkpoint"], dtype=dtype, attn_implementation=attn).to(dev)
+
+
+def _ov_llava_video(cfg: Mapping[str, Any], dev: torch.device, dtype: torch.dtype, attn: str):
+    from prune.adapters.convert_llava_video import load_llava_video
+
+    return load_llava_video(cfg["checkpoint"], dtype=dtype, attn_implementation=attn).to(dev)
+
+
+def _ov_check(cfg: Mapping[str, Any]) -> None:
+    require_local(cfg["checkpoint"], download=False)
+
+
+def _ov_tokenizer(cfg: Mapping[str, Any]) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg["checkpoint"])
+    # The Qwen chat rule: the tokenizer's EOS and <|im_end|>, whichever resolve.
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    return HFTokenizer(tok, eos_token_ids=tuple(i for i in ids if isinstance(i, int) and i >= 0))
+
+
+def _ov_adapter(model, strategy: Strategy, cfg: Mapping[str, Any]) -> VideoAdapter:
+    return LlavaOnevisionAdapter(model, strategy, cfg["layout"], num_frames=int(cfg["num_frames"]))
+
+
+FAMILY = Family(
+    name="llava_onevision",
+    models=("llava_ov", "llava_video", "tiny_llava_ov", "tiny_llava_video"),
+    adapter=_ov_adapter,
+    loaders={"tiny": _ov_tiny, "hf": _ov_hf, "llava_video": _ov_llava_video},
+    check=_ov_check,
+    preprocess=preprocess_video,
+    prompt=lambda cfg: qwen_prompt,
+    tokenizer=_ov_tokenizer,
+    tiny_tokenizer=ByteTokenizer,
+)
