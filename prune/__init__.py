@@ -1,4 +1,7 @@
-"""Model-agnostic visual-token pruning methods for video LLMs, and their contract (``prune.api``)."""
+"""Model-agnostic visual-token pruning methods for video LLMs and their contract (``prune.api``).
+
+Apart from the methods (``prune.strategies``), ``prune.adapters`` holds the model surgery, one module per family.
+"""
 
 from prune.api import (
     LayerInput,
