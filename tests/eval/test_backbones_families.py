@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from eval.backbones import FAMILIES, IMPLEMENTED, ByteIdTokenizer, flops_of
 from eval.runner import REPO, compose_config, make_backbone
@@ -40,14 +41,37 @@ def test_the_family_table_lists_the_three_families():
 
 
 def test_every_model_config_names_a_discovered_family_and_one_of_its_loaders():
-    from omegaconf import OmegaConf
-
     for path in sorted((REPO / "configs" / "model").glob("*.yaml")):
         cfg = OmegaConf.load(path)
         family = FAMILIES.get(cfg.family)
         assert family is not None, f"{path.name}: family {cfg.family!r} has no eval/families module ({IMPLEMENTED})"
         assert cfg.loader in family.loaders, f"{path.name}: loader {cfg.loader!r} not in {sorted(family.loaders)}"
         assert cfg.name in family.models, f"{path.name}: add {cfg.name!r} to FAMILY.models of {cfg.family}"
+
+
+def test_a_new_family_module_is_discovered_and_builds(tmp_path, monkeypatch):
+    # docs/backbones.md, "Adding a backbone": one new eval/families module, no table to edit.
+    import eval.backbones as backbones
+    from eval import families
+    from prune.strategies.none import NoPruning
+
+    (tmp_path / "fifth.py").write_text(
+        "import dataclasses\n"
+        "from eval.families.llava_onevision import FAMILY as OV\n"
+        "FAMILY = dataclasses.replace(OV, name='fifth', models=('tiny_fifth',))\n"
+    )
+    monkeypatch.setattr(families, "__path__", [*families.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "eval.families.fifth", raising=False)
+    try:
+        found = backbones._discover_families()
+        assert tuple(found) == ("fifth", *IMPLEMENTED)  # in module order
+        monkeypatch.setattr(backbones, "FAMILIES", found)
+        cfg = OmegaConf.to_container(compose_config(["model=tiny_llava_ov"]).model, resolve=True)
+        backbone = backbones.build_backbone({**cfg, "name": "tiny_fifth", "family": "fifth"}, NoPruning(), "cpu")
+        assert backbone.name == "tiny_fifth" and backbone.prompt_ids("hi").shape[0] == 1
+        backbone.adapter.llm.remove()
+    finally:
+        sys.modules.pop("eval.families.fifth", None)
 
 
 @pytest.mark.parametrize("model", sorted(GEOMETRY))
