@@ -2,9 +2,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+# GPU machines get PyPI's CUDA torch and its CUDA packages (requirements/cuda.txt); CPU machines the CPU wheel.
+TORCH  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+EXTRAS ?=
+LOCKS  := requirements/lock.txt $(if $(filter cuda,$(TORCH)),requirements/cuda.txt) $(EXTRAS:%=requirements/%.txt)
+STAMP  := $(VENV)/.installed-$(TORCH)$(EXTRAS:%=-%)
+# The lock is resolved for CPython 3.11 only (scripts/lock.py); any other Python stops here with this line.
+PYCHECK := import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else \
+	f"vidprune: requirements/lock.txt is resolved for CPython 3.11, this is {v[0]}.{v[1]}; use make PYTHON=python3.11")
 
-.PHONY: help setup test lint format eval sweep tables bench bench-prune viz clean
+.PHONY: help setup lock test lint format eval sweep tables bench bench-prune viz clean
 
 # `make eval model=llava_ov prune=hieravid ratio=0.3` sets these make variables; they become Hydra overrides.
 EVAL_VARS := model prune benchmark ratio limit seed device threads paired_baseline logger max_new_tokens results_dir
@@ -13,17 +21,22 @@ OVERRIDES := $(foreach v,$(EVAL_VARS),$(if $($(v)),$(v)=$($(v))))
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv and install vidprune with its dev tools
+setup: $(STAMP)  ## create .venv and install exactly requirements/lock.txt (TORCH=cuda|cpu, EXTRAS=slurm)
 
-$(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "vidprune needs Python >= 3.11"'
+# One stamp per variant; it is older than a lock file that changed, so `make setup` re-installs after `git pull`.
+$(STAMP): $(LOCKS) pyproject.toml
+	@$(PYTHON) -c '$(PYCHECK)' || exit 2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -c constraints.txt
-	@# lmms-eval pulls latex2sympy2 (math tasks only), which pins antlr4 4.7.2; Hydra's parser needs 4.9.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps antlr4-python3-runtime==4.9.3
-	@# lmms-eval also pulls torchvision; the registry's wheel is a CUDA build that breaks imports next to CPU torch.
-	$(PY) -c 'import torchvision' 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision
+	@$(PY) -c '$(PYCHECK)' || { echo "vidprune: .venv was made by another Python; remove it (rm -rf $(VENV))"; exit 2; }
+	$(PIP) install --require-hashes --no-deps $(addprefix -r ,$(LOCKS))
+	@# Packages left by an older lock (or installed by hand) go, so the venv is the lock and nothing else.
+	extras="$$($(PY) scripts/lockcheck.py --extras)"; test -z "$$extras" || $(PIP) uninstall -y $$extras
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PY) scripts/lockcheck.py
 	touch $(STAMP)
+
+lock: setup  ## re-resolve requirements/*.txt from pyproject.toml (docs/install.md); commit them with the change
+	$(PY) scripts/lock.py $(if $(TORCH_FIND_LINKS),--torch-find-links $(TORCH_FIND_LINKS))
 
 test: setup  ## CPU test suite (GPU tests are skipped)
 	$(PY) -m pytest $(PYTEST_ARGS)
