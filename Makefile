@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
-# GPU machines get PyPI's CUDA torch and its CUDA packages (requirements/cuda.txt); CPU machines the CPU wheel.
+# GPU machines get PyPI's CUDA torch and its CUDA packages (requirements/cuda.txt), others the CPU wheel (torch-cpu.txt).
 TORCH  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 EXTRAS ?=
-LOCKS  := requirements/lock.txt $(if $(filter cuda,$(TORCH)),requirements/cuda.txt) $(EXTRAS:%=requirements/%.txt)
+LOCKS  := requirements/lock.txt requirements/$(if $(filter cuda,$(TORCH)),cuda,torch-cpu).txt $(EXTRAS:%=requirements/%.txt)
 STAMP  := $(VENV)/.installed-$(TORCH)$(EXTRAS:%=-%)
 # The lock is resolved for CPython 3.11 only (scripts/lock.py); any other Python stops here with this line.
 PYCHECK := import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else \

@@ -1,14 +1,15 @@
 """Refresh the dependency locks under requirements/ (`make lock`).
 
 Resolves once, here, so that `make setup` installs exactly (pip --require-hashes --no-deps: nothing is resolved at
-install time). Writes three files, each generated, never edited by hand:
+install time). Writes four files, each generated, never edited by hand:
 
 * ``requirements/lock.txt``: every package of the base environment (``.[dev]``), direct and transitive, at one version
-  with its hashes. torch is resolved against its 2.13.0 CPU wheel (so no CUDA packages enter the base) and written as
-  ``torch==2.13.0`` with the hashes of that CPU wheel *and* of PyPI's 2.13.0 wheels: pip takes the CPU wheel where it
-  lies on disk (``PIP_FIND_LINKS``, our CPU machines) and PyPI's CUDA build elsewhere, and checks the hash either way.
-* ``requirements/cuda.txt``: only what PyPI's CUDA build of torch 2.13.0 adds (nvidia-*, triton), for GPU machines
-  (``make setup TORCH=cuda``; the default picks it when ``nvidia-smi`` runs).
+  with its hashes, except torch. torch is resolved against its 2.13.0 CPU wheel, so no CUDA package enters the base.
+* ``requirements/torch-cpu.txt``: ``torch==2.13.0+cpu`` with that wheel's hash (CPU machines, the default). pip finds
+  it where it lies on disk (``PIP_FIND_LINKS``, our machines) or on PyTorch's CPU index.
+* ``requirements/cuda.txt``: PyPI's ``torch==2.13.0`` (a CUDA build on Linux) and only what it adds to the base
+  (nvidia-*, cuda-*, triton), for GPU machines (``make setup TORCH=cuda``; the default when ``nvidia-smi`` runs).
+  torch cannot be one line with both builds' hashes: pip then takes PyPI's build even where the CPU wheel is on disk.
 * ``requirements/slurm.txt``: only what the ``slurm`` extra adds (``make setup EXTRAS=slurm``).
 
 Inputs: the direct requirements in ``pyproject.toml``, ``requirements/constraints.in`` (upper bounds, each with its
@@ -121,9 +122,7 @@ def main() -> None:
         (tmp / "torch.in").write_text(f"torch=={TORCH}\n")
         cuda_args = [str(tmp / "torch.in"), "-c", str(pins), "-c", str(REQ / "constraints.in")]
         cuda = parse_blocks(uv(*cuda_args, out=tmp / "cuda.txt"))
-        pypi_torch = cuda.pop("torch")
-        torch_block = f"torch=={TORCH} \\\n" + " \\\n".join(f"    {h}" for h in hashes(cpu_torch) + hashes(pypi_torch))
-        torch_block += "\n    # via vidprune (pyproject.toml); CPU wheel where it lies on disk, PyPI's build elsewhere"
+        cpu_torch = cpu_torch.split("\n    # via")[0] + "\n    # via vidprune (pyproject.toml): the CPU build"
 
         slurm = compile_env(["dev", "slurm"], tmp, args.torch_find_links, REQ / "lock.txt")
         slurm.pop("torch", None)
@@ -132,10 +131,11 @@ def main() -> None:
         clash = [n for n, b in layer.items() if n in base and b.splitlines()[0] != base[n].splitlines()[0]]
         if clash:
             sys.exit(f"lock: a layer pins other versions than lock.txt for {', '.join(sorted(clash))}")
-    write(REQ / "lock.txt", "vidprune base environment (.[dev]): every package", [*base.values(), torch_block])
+    write(REQ / "lock.txt", "vidprune base environment (.[dev]): every package but torch", list(base.values()))
+    write(REQ / "torch-cpu.txt", f"torch {TORCH}, CPU build, for lock.txt (make setup TORCH=cpu)", [cpu_torch])
     write(
         REQ / "cuda.txt",
-        f"What PyPI's CUDA build of torch {TORCH} adds to lock.txt (make setup TORCH=cuda)",
+        f"torch {TORCH} from PyPI (CUDA build) and what it adds to lock.txt (make setup TORCH=cuda)",
         [b for n, b in cuda.items() if n not in base],
     )
     write(

@@ -1,10 +1,10 @@
 """Compare the running environment with the locks under requirements/ (run by `make setup` and by the test suite).
 
-Expected: every package of ``lock.txt`` at its locked version, plus each optional layer (``cuda.txt``, ``slurm.txt``)
-that is *active*. A layer is active when any of its packages is installed, and then all of it must be, at its locked
-versions: a half-installed layer is drift too. The cuda layer is also active whenever torch is a CUDA build. Not
-compared: vidprune itself (the editable project) and pip (the installer that came with the venv's Python). torch's
-local version label (``+cpu``) is ignored: the lock pins ``torch==2.13.0`` and accepts the CPU or the CUDA build.
+Expected: every package of ``lock.txt`` at its locked version, one torch layer (``cuda.txt`` where torch is installed
+and is not a ``+cpu`` build, else ``torch-cpu.txt``), and each optional extra layer (``slurm.txt``) that is *active*:
+an extra is active when any of its packages is installed, and then all of it must be, at its locked versions (a
+half-installed layer is drift too). Not compared: vidprune itself (the editable project) and pip (the installer that
+came with the venv's Python).
 
 Usage::
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REQ = Path(__file__).resolve().parents[1] / "requirements"
 BASE = "lock.txt"
-LAYERS = ("cuda.txt", "slurm.txt")
+EXTRAS = ("slurm.txt",)
 NOT_COMPARED = frozenset({"vidprune", "pip"})
 
 
@@ -67,18 +67,14 @@ class Drift:
 
 
 def expected(have: dict[str, str], req: Path = REQ) -> dict[str, str]:
-    """The pins that the environment ``have`` must match: the base lock plus every active layer."""
+    """The pins that the environment ``have`` must match: the base lock, its torch layer and every active extra."""
     want = read_lock(req / BASE)
-    for layer in LAYERS:
+    want.update(read_lock(req / ("torch-cpu.txt" if "+cpu" in have.get("torch", "+cpu") else "cuda.txt")))
+    for layer in EXTRAS:
         pins = read_lock(req / layer) if (req / layer).exists() else {}
-        cuda_torch = layer == "cuda.txt" and "+cpu" not in have.get("torch", "+cpu")
-        if cuda_torch or any(name in have for name in pins):
+        if any(name in have for name in pins):
             want.update(pins)
     return want
-
-
-def public(version: str) -> str:
-    return version.split("+", 1)[0]
 
 
 def drift(have: dict[str, str] | None = None, req: Path = REQ) -> Drift:
@@ -87,9 +83,7 @@ def drift(have: dict[str, str] | None = None, req: Path = REQ) -> Drift:
     want = expected(have, req)
     missing = tuple(f"{n}=={v}" for n, v in sorted(want.items()) if n not in have)
     wrong = tuple(
-        f"{n} installed {have[n]}, lock says {v}"
-        for n, v in sorted(want.items())
-        if n in have and public(have[n]) != v and have[n] != v
+        f"{n} installed {have[n]}, lock says {v}" for n, v in sorted(want.items()) if n in have and have[n] != v
     )
     extra = tuple(f"{n}=={v}" for n, v in sorted(have.items()) if n not in want and n not in NOT_COMPARED)
     return Drift(missing, wrong, extra)

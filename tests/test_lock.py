@@ -35,10 +35,11 @@ def _lock(tmp_path, base, **layers):
 
 
 def test_drift_names_an_upgraded_package_and_the_fix(tmp_path):
-    req = _lock(tmp_path, {"filelock": "4.2.12", "torch": "2.13.0"})
+    req = _lock(tmp_path, {"filelock": "4.2.12"}, **{"torch-cpu": {"torch": "2.13.0+cpu"}})
     found = lockcheck.drift({"filelock": "4.3.1", "torch": "2.13.0+cpu", "vidprune": "0.1.0", "pip": "23.2"}, req)
     assert found.wrong == ("filelock installed 4.3.1, lock says 4.2.12",)
     assert not found.missing and not found.extra
+    assert "other version: filelock installed 4.3.1, lock says 4.2.12" in found.lines()
 
 
 def test_cli_message_names_package_and_fix(monkeypatch, capsys):
@@ -54,21 +55,23 @@ def test_cli_message_names_package_and_fix(monkeypatch, capsys):
 
 
 def test_drift_missing_extra_and_layers(tmp_path):
-    req = _lock(tmp_path, {"a": "1.0", "torch": "2.13.0"}, slurm={"submitit": "1.5.4", "launcher": "1.2.0"})
-    (tmp_path / "cuda.txt").write_text("triton==3.7.1 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    layers = {"torch-cpu": {"torch": "2.13.0+cpu"}, "cuda": {"torch": "2.13.0", "triton": "3.7.1"}}
+    req = _lock(tmp_path, {"a": "1.0"}, slurm={"submitit": "1.5.4", "launcher": "1.2.0"}, **layers)
     cpu = {"a": "1.0", "torch": "2.13.0+cpu"}
     assert not lockcheck.drift(cpu, req)  # CPU torch: the cuda layer is not expected
     assert lockcheck.drift({"torch": "2.13.0+cpu"}, req).missing == ("a==1.0",)
+    assert lockcheck.drift({"a": "1.0"}, req).missing == ("torch==2.13.0+cpu",)  # no torch: the CPU layer is due
     assert lockcheck.drift({**cpu, "stray": "0.1"}, req).extra == ("stray==0.1",)
-    # A layer is all or nothing: one of its packages installed makes the rest expected.
+    # An extra is all or nothing: one of its packages installed makes the rest expected.
     assert lockcheck.drift({**cpu, "submitit": "1.5.4"}, req).missing == ("launcher==1.2.0",)
     assert not lockcheck.drift({**cpu, "submitit": "1.5.4", "launcher": "1.2.0"}, req)
-    # A CUDA build of torch needs the cuda layer.
+    # PyPI's (CUDA) torch needs the cuda layer, and its exact version.
     assert lockcheck.drift({"a": "1.0", "torch": "2.13.0"}, req).missing == ("triton==3.7.1",)
-    assert not lockcheck.drift({"a": "1.0", "torch": "2.13.0+cu130", "triton": "3.7.1"}, req)
+    assert not lockcheck.drift({"a": "1.0", "torch": "2.13.0", "triton": "3.7.1"}, req)
+    assert lockcheck.drift({"a": "1.0", "torch": "2.12.0", "triton": "3.7.1"}, req).wrong
 
 
-@pytest.mark.parametrize("name", ["lock.txt", "cuda.txt", "slurm.txt"])
+@pytest.mark.parametrize("name", ["lock.txt", "torch-cpu.txt", "cuda.txt", "slurm.txt"])
 def test_every_pin_is_exact_and_hashed(name):
     text = (REQ / name).read_text()
     blocks = [b for b in text.split("\n") if b and not b[0].isspace() and not b.startswith("#")]
@@ -83,6 +86,11 @@ def test_lock_satisfies_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     direct = project["dependencies"] + project["optional-dependencies"]["dev"]
     pins = lockcheck.read_lock(REQ / "lock.txt")
+    assert "torch" not in pins  # torch lives in exactly one of the two torch layers, never in the base
+    for torch_layer in ("torch-cpu.txt", "cuda.txt"):
+        torch = lockcheck.read_lock(REQ / torch_layer)["torch"]
+        assert Requirement(next(s for s in direct if s.startswith("torch"))).specifier.contains(torch)
+    pins |= lockcheck.read_lock(REQ / "torch-cpu.txt")
     for spec in direct:
         req = Requirement(spec)
         name = lockcheck.normalise(req.name)
