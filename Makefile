@@ -22,53 +22,56 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install exactly requirements/lock.txt (TORCH=cuda|cpu, EXTRAS=slurm)
+	@# Other targets trust the stamp; `make setup` also checks the venv and re-installs where it drifted from the lock.
+	@$(PY) scripts/lockcheck.py --quiet || { echo "vidprune: re-installing the lock"; rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 
 # One stamp per variant; it is older than a lock file that changed, so `make setup` re-installs after `git pull`.
 $(STAMP): $(LOCKS) pyproject.toml
 	@$(PYTHON) -c '$(PYCHECK)' || exit 2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c '$(PYCHECK)' || { echo "vidprune: .venv was made by another Python; remove it (rm -rf $(VENV))"; exit 2; }
-	$(PIP) install --require-hashes --no-deps $(addprefix -r ,$(LOCKS))
+	@# --no-compile: byte-compiling every file of 150 packages was half of setup's CPU time; Python compiles what it imports.
+	$(PIP) install --no-compile --require-hashes --no-deps $(addprefix -r ,$(LOCKS))
 	@# Packages left by an older lock (or installed by hand) go, so the venv is the lock and nothing else.
 	extras="$$($(PY) scripts/lockcheck.py --extras)"; test -z "$$extras" || $(PIP) uninstall -y $$extras
 	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) scripts/lockcheck.py
 	touch $(STAMP)
 
-lock: setup  ## re-resolve requirements/*.txt from pyproject.toml (docs/install.md); commit them with the change
+lock: $(STAMP)  ## re-resolve requirements/*.txt from pyproject.toml (docs/install.md); commit them with the change
 	$(PY) scripts/lock.py $(if $(TORCH_FIND_LINKS),--torch-find-links $(TORCH_FIND_LINKS))
 
-test: setup  ## CPU test suite (GPU tests are skipped)
+test: $(STAMP)  ## CPU test suite (GPU tests are skipped)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-eval: setup  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
+eval: $(STAMP)  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
 	$(PY) scripts/run_eval.py $(OVERRIDES) $(ARGS)
 
 # `make sweep exp=ratio_sweep model=tiny_llava_ov`: model/benchmark/prune/ratio narrow the experiment's grid.
 GRID_OVERRIDES := $(foreach v,model benchmark prune ratio results_dir,$(if $($(v)),$(v)=$($(v))))
 
-sweep: setup  ## run the cells of configs/experiment/$(exp).yaml that have no record (Hydra multirun; launcher=slurm)
+sweep: $(STAMP)  ## run the cells of configs/experiment/$(exp).yaml that have no record (Hydra multirun; launcher=slurm)
 	@test -n "$(exp)" || { echo "usage: make sweep exp=<name> (one of: $$(ls configs/experiment | sed 's/.yaml//' | xargs))"; exit 2; }
 	$(PY) scripts/sweep.py $(exp) $(OVERRIDES) $(if $(launcher),--launcher $(launcher)) $(ARGS)
 
-tables: setup  ## rebuild tables from the records: summary.{csv,md}, or exp=<name> -> <name>.{md,csv,tex} + plots
+tables: $(STAMP)  ## rebuild tables from the records: summary.{csv,md}, or exp=<name> -> <name>.{md,csv,tex} + plots
 	$(PY) scripts/make_tables.py $(if $(exp),--exp $(exp) $(GRID_OVERRIDES)) $(ARGS)
 
-viz: setup  ## token-selection picture of one sample (default tiny_llava_ov × prunevid); ARGS="prune=hieravid --doc 3"
+viz: $(STAMP)  ## token-selection picture of one sample (default tiny_llava_ov × prunevid); ARGS="prune=hieravid --doc 3"
 	$(PY) scripts/viz.py $(ARGS)
 
-lint: setup  ## ruff lint + format check
+lint: $(STAMP)  ## ruff lint + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: setup  ## apply ruff fixes and formatting
+format: $(STAMP)  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup  ## TTFT of every method vs none on an LLM of the backbone's shape (CPU default; BENCH_ARGS="--preset pllava")
+bench: $(STAMP)  ## TTFT of every method vs none on an LLM of the backbone's shape (CPU default; BENCH_ARGS="--preset pllava")
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
-bench-prune: setup  ## CPU time of the pre-LLM stages on PLLaVA and LLaVA-OV shapes
+bench-prune: $(STAMP)  ## CPU time of the pre-LLM stages on PLLaVA and LLaVA-OV shapes
 	$(PY) scripts/bench_prune.py $(BENCH_ARGS)
 
 clean:  ## caches only; never touches results/

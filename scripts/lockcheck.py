@@ -92,6 +92,7 @@ def drift(have: dict[str, str] | None = None, req: Path = REQ) -> Drift:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extras", action="store_true", help="print the names of packages no active lock names")
+    parser.add_argument("--quiet", action="store_true", help="print nothing when the environment matches")
     args = parser.parse_args()
     found = drift()
     if args.extras:
@@ -106,7 +107,8 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    print(f"environment matches requirements/ ({len(expected(installed()))} packages)")
+    if not args.quiet:
+        print(f"environment matches requirements/ ({len(expected(installed()))} packages)")
 
 
 if __name__ == "__main__":
