@@ -7,10 +7,12 @@ It has two stages:
 * ``pre_llm`` reduces the projected visual tokens of one video, ``[T, P, D]``, to a sequence ``[n, D]`` that the
   adapter splices into the prompt. After this stage the adapter numbers positions contiguously over the shorter
   sequence (PruneVid stage 1 re-indexes positions the same way).
-* ``in_llm`` runs after each decoder layer named in ``layer_specs``. The adapter scores the visual tokens still
+* ``in_llm`` runs at each decoder layer named in ``layer_specs``. The adapter scores the visual tokens still
   present with the attention variant the spec asks for, and the strategy returns which of them survive into the
-  following layers. Survivors keep their original position ids (FastV ``position_ids = keep_indexs``; PruneVid
-  stage 2), so positions may have gaps.
+  following layers, as sorted indices or as a :class:`LayerMerge` (survivors that absorb the others' hidden states:
+  HoliTom, FrameFusion). By default survivors keep their original position ids (FastV ``position_ids =
+  keep_indexs``; PruneVid stage 2), so positions may have gaps; ``LayerSpec.positions="renumber"`` numbers the
+  shorter sequence contiguously instead (PyramidDrop). A merged token takes the position of its survivor.
 
 Shape legend: ``T`` frames, ``H x W`` patch grid of one frame, ``P = H * W`` tokens per frame, ``D`` hidden size,
 ``N = T * P`` visual tokens before pruning, ``n`` visual tokens after the pre-LLM stage, ``k`` tokens kept.
@@ -28,6 +30,7 @@ from torch import Tensor
 
 __all__ = [
     "LayerInput",
+    "LayerMerge",
     "LayerSpec",
     "PreLLMOutput",
     "Solved",
@@ -37,6 +40,7 @@ __all__ = [
     "check_ratio",
     "check_video",
     "keep_count",
+    "kept_indices",
     "simulate",
 ]
 
@@ -186,7 +190,7 @@ class LayerSpec:
     The adapter computes, at decoder layer ``layer`` during prefill, the attention probabilities of the chosen query
     rows over the whole sequence (softmax over all keys), slices the visual columns, reduces over heads and then
     over query rows, and passes the resulting ``[n]`` scores to ``Strategy.in_llm``. The kept set applies to layers
-    ``layer + 1`` onwards.
+    ``layer + 1`` onwards, or to ``layer`` itself onwards with ``own_layer`` (:attr:`first_layer`).
 
     Attributes:
         layer: 0-based decoder layer whose attention provides the scores.
@@ -197,8 +201,18 @@ class LayerSpec:
         rope: ``True`` for the post-RoPE queries and keys the layer uses; ``False`` for pre-RoPE (PruneVid).
         causal: ``True`` for the causal softmax of the forward pass; ``False`` for a softmax over the full row,
             future tokens included (PruneVid's score map).
-        prune_past_kv: also drop the pruned tokens from the KV cache of layers ``<= layer`` (PruneVid), so every
-            layer decodes over the same kept set. ``False`` keeps the full cache there (FastV's in-place variant).
+        prune_past_kv: also drop the pruned (and absorbed) tokens from the KV cache of the layers before
+            :attr:`first_layer` (PruneVid), so every layer decodes over the same kept set. ``False`` keeps the full
+            cache there (FastV's in-place variant).
+        own_layer: ``True``: score with layer ``layer``'s own queries and keys, projected from the hidden states
+            entering it (its input norm, ``q_proj``/``k_proj``, RoPE at the current positions), before it runs, and
+            apply the result from layer ``layer`` on (PyramidDrop's ``pdrop_rank_drop`` with ``layers[rank_layer]``).
+            ``False``: the scores come from layer ``layer``'s own forward and apply from ``layer + 1`` (FastV).
+        positions: ``"keep"``: survivors keep their original position ids, with gaps (FastV, PruneVid, HoliTom);
+            ``"renumber"``: the shortened sequence is numbered ``0..S'-1`` and decoding continues from ``S'`` in the
+            layers that see it (PyramidDrop).
+        hidden: pass the current visual tokens' hidden states entering :attr:`first_layer` to ``in_llm``
+            (``LayerInput.hidden``), for methods that merge by similarity.
     """
 
     layer: int
@@ -208,6 +222,14 @@ class LayerSpec:
     rope: bool = True
     causal: bool = True
     prune_past_kv: bool = False
+    own_layer: bool = False
+    positions: Literal["keep", "renumber"] = "keep"
+    hidden: bool = False
+
+    @property
+    def first_layer(self) -> int:
+        """The first decoder layer that runs on the reduced sequence."""
+        return self.layer if self.own_layer else self.layer + 1
 
 
 @dataclass(frozen=True)
@@ -219,12 +241,68 @@ class LayerInput:
         scores: ``[n_cur]`` float score of each visual token still present, as the spec asked.
         visual: ``[n_cur]`` long, sorted indices of those tokens into ``pre.tokens``.
         pre: the pre-LLM output of this sample (for group-wise selection).
+        hidden: ``[n_cur, D]`` hidden states of those tokens entering ``LayerSpec.first_layer``, when the spec asks
+            for them (``LayerSpec.hidden``); ``None`` otherwise.
     """
 
     layer: int
     scores: Tensor
     visual: Tensor
     pre: PreLLMOutput
+    hidden: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerMerge:
+    """An in-LLM merge: which visual tokens survive, and how each survivor's hidden state absorbs others.
+
+    After the merge the survivor ``j`` carries ``sum_i weights[i] * hidden[i]`` over the tokens ``i`` with
+    ``into[i] == j`` (its own state included), at its own position; tokens with ``into[i] == -1`` are dropped
+    without being merged. The weights are the strategy's own rule (HoliTom's sequential pairwise averages,
+    FrameFusion's group means); the adapter only applies them. The KV cache of earlier layers follows
+    ``LayerSpec.prune_past_kv``: absorbed tokens are dropped there like pruned ones, survivors' entries are unchanged.
+
+    Attributes:
+        keep: ``[k]`` sorted, unique long indices into ``LayerInput.visual`` of the survivors.
+        into: ``[n_cur]`` long, ``0..k-1`` the survivor absorbing each current token, or ``-1``;
+            ``into[keep[j]] == j``.
+        weights: ``[n_cur]`` float, each token's weight in its survivor's new state; non-negative, summing to 1
+            over each survivor's group.
+    """
+
+    keep: Tensor
+    into: Tensor
+    weights: Tensor
+
+    def __post_init__(self) -> None:
+        k, n = self.keep.numel(), self.into.numel()
+        if self.keep.dim() != 1 or self.into.dim() != 1 or self.weights.shape != self.into.shape:
+            raise ValueError(
+                f"LayerMerge needs keep [k], into [n] and weights [n], got {tuple(self.keep.shape)}, "
+                f"{tuple(self.into.shape)}, {tuple(self.weights.shape)}"
+            )
+        if self.into.dtype != torch.long or self.keep.dtype != torch.long:
+            raise ValueError("LayerMerge.keep and LayerMerge.into must be long tensors")
+        if k and (int(self.keep.min()) < 0 or int(self.keep.max()) >= n):
+            raise ValueError(f"LayerMerge.keep must index the {n} current tokens, got range {self.keep.min()}..")
+        if k > 1 and not bool((self.keep[1:] > self.keep[:-1]).all()):
+            raise ValueError("LayerMerge.keep must be sorted and unique")
+        if n and (int(self.into.min()) < -1 or int(self.into.max()) >= k):
+            raise ValueError(f"LayerMerge.into must be in -1..{k - 1}")
+        if k and not torch.equal(self.into[self.keep], torch.arange(k, device=self.into.device)):
+            raise ValueError("LayerMerge.into must map every survivor to itself (into[keep[j]] == j)")
+        if n and float(self.weights.min()) < 0:
+            raise ValueError("LayerMerge.weights must be non-negative")
+        member = self.into >= 0
+        sums = torch.zeros(k, dtype=torch.float64, device=self.weights.device)
+        sums.index_add_(0, self.into[member], self.weights[member].double())
+        if k and not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-5)):
+            raise ValueError("LayerMerge.weights must sum to 1 over each survivor's group")
+
+
+def kept_indices(result: Tensor | LayerMerge) -> Tensor:
+    """The survivors of an ``in_llm`` result: the indices themselves, or ``LayerMerge.keep``."""
+    return result.keep if isinstance(result, LayerMerge) else result
 
 
 @runtime_checkable
@@ -243,8 +321,8 @@ class Strategy(Protocol):
         """Reduce one video's tokens before the LLM."""
         ...
 
-    def in_llm(self, step: LayerInput) -> Tensor:
-        """Return ``[k]`` sorted, unique long indices into ``step.visual`` of the tokens that survive."""
+    def in_llm(self, step: LayerInput) -> Tensor | LayerMerge:
+        """Return ``[k]`` sorted, unique long indices into ``step.visual`` of the tokens that survive, or a merge."""
         ...
 
     def layer_counts(self, pre: PreLLMOutput, num_layers: int) -> tuple[int, ...]:
@@ -303,12 +381,16 @@ def simulate(
     counts = [pre.n] * num_layers
     kept = []
     for spec in strategy.layer_specs:
-        if not 0 <= spec.layer < num_layers - 1:
-            raise ValueError(f"{strategy.name}: layer {spec.layer} is outside 0..{num_layers - 2} for {num_layers}")
-        keep = strategy.in_llm(LayerInput(spec.layer, score_fn(spec, visual, pre), visual, pre))
+        if not 0 <= spec.layer < num_layers - 1 + spec.own_layer or spec.first_layer < 1:
+            raise ValueError(
+                f"{strategy.name}: stage at layer {spec.layer} (own_layer={spec.own_layer}) leaves no layer before "
+                f"or after it in a {num_layers}-layer LLM"
+            )
+        hidden = pre.tokens[visual] if spec.hidden else None  # no LLM here: the input embeddings stand in
+        keep = kept_indices(strategy.in_llm(LayerInput(spec.layer, score_fn(spec, visual, pre), visual, pre, hidden)))
         visual = visual[keep]
         kept.append(visual)
-        for layer in range(spec.layer + 1, num_layers):
+        for layer in range(spec.first_layer, num_layers):
             counts[layer] = int(visual.numel())
     n_in = video.tokens.shape[0] * video.tokens.shape[1]
     return pre, TokenBudget(n_in, pre.n, tuple(counts), tuple(kept))

@@ -1,22 +1,27 @@
 """In-LLM pruning for Hugging Face decoder-only LLMs (Qwen2, Llama) in transformers 5.x, without forking a model file.
 
-What a strategy's :class:`~prune.api.LayerSpec` asks for is done with three mechanisms (backbones.md §2b):
+What a strategy's :class:`~prune.api.LayerSpec` asks for is done with four mechanisms (backbones.md §2b):
 
 1. **A registered attention kernel** (``vidprune_sdpa``, ``vidprune_eager``, ``vidprune_flash_attention_2``) wraps the
    stock kernel and returns its output unchanged. At a scoring layer, during prefill only, it also computes the
    attention of the query rows the spec names over the whole sequence, never the ``S x S`` matrix
    (:func:`prune.attention.visual_scores`): FastV one row, PruneVid the rows after the video. Pre-RoPE scores
    (PruneVid) re-project the layer's normalised input with its own ``q_proj``/``k_proj``, exactly the official
-   ``query_states``/``key_states`` before ``apply_rotary_pos_emb``.
-2. **Decoder-layer pre-hooks** drop the pruned tokens from the hidden states at the first layer after the scoring
-   layer and slice RoPE ``(cos, sin)``, ``position_ids`` and any 4-D mask at every later layer, so survivors keep
-   their original positions (gaps allowed).
+   ``query_states``/``key_states`` before ``apply_rotary_pos_emb``. Own-layer stages (PyramidDrop) are scored in
+   the layer's pre-hook instead, before it runs: its input norm, ``q_proj``/``k_proj`` and RoPE at the current
+   positions.
+2. **Decoder-layer pre-hooks** ask the strategy (with the visual hidden states when the spec wants them), drop the
+   pruned tokens from the hidden states at the first layer that sees the reduced sequence, write merged states into
+   the survivors' slots (:class:`~prune.api.LayerMerge`), and slice RoPE ``(cos, sin)``, ``position_ids`` and any
+   4-D mask at every later layer. Survivors keep their original positions (gaps allowed), or the sequence is
+   renumbered contiguously (``positions="renumber"``); a merged token sits at its survivor's position.
 3. **KV-cache edits**: with ``prune_past_kv`` the caches of the layers before the drop are index-selected to the
-   survivors (PruneVid); otherwise they keep every token (FastV's in-place variant).
-
-Decoding runs in :meth:`PrunedLM.generate`'s own greedy loop, which passes ``position_ids`` explicitly: decode step
-``i`` sits at position ``S + i`` (``S`` = unpruned prefill length), as FastV and PruneVid's ``original_number`` do,
-whatever the pruned cache length.
+   survivors (PruneVid); otherwise they keep every token (FastV's in-place variant). Absorbed tokens count as
+   dropped; the survivors' cached entries before the merge are those of their own unmerged states.
+4. **Decode positions**: :meth:`PrunedLM.generate`'s own greedy loop passes ``position_ids`` explicitly: decode step
+   ``i`` sits at position ``S + i`` (``S`` = unpruned prefill length), as FastV and PruneVid's ``original_number``
+   do, whatever the pruned cache length. In layers after a renumbering stage the pre-hook moves it down by the
+   tokens the renumbering removed (PyramidDrop's decode-time ``position_ids`` update), recomputing RoPE there.
 
 Shape legend: ``S`` prefill length, ``D`` hidden size, ``H`` heads, ``n`` visual tokens, ``V`` vocabulary.
 """
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from prune.api import LayerInput, PreLLMOutput, Strategy
+from prune.api import LayerInput, LayerMerge, PreLLMOutput, Strategy, kept_indices
 from prune.attention import query_rows, visual_scores
 
 __all__ = [
@@ -141,13 +146,16 @@ class _Run:
     pre: PreLLMOutput
     seq_len: int
     cur: Tensor  # [S_cur] original positions of the tokens currently in the sequence
+    pos: Tensor  # [S_cur] the RoPE positions they have now (== cur unless a stage renumbered)
     visual: Tensor  # [S_cur] long: index into pre.tokens of each current token, -1 for text and separators
     counts: list[int]
     cache: object
     lengths: list[int] = field(default_factory=list)
     scoring: list[tuple[int, int, bool]] = field(default_factory=list)
-    pending: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # layer -> (keep_local, prune_past_kv)
+    pending: dict[int, tuple] = field(default_factory=dict)  # first layer -> (spec, scores [n_cur], vis_local)
     layer_pos: dict[int, Tensor] = field(default_factory=dict)  # original positions cached by each layer
+    last_pos: dict[int, int] = field(default_factory=dict)  # RoPE position of the last prompt token in each layer
+    renumbered: bool = False
     attn_input: Tensor | None = None
     kept: list[Tensor] = field(default_factory=list)
 
@@ -165,14 +173,21 @@ class PrunedLM:
     def __init__(self, language_model: nn.Module, lm_head: nn.Module, strategy: Strategy) -> None:
         self.lm, self.lm_head, self.strategy = language_model, lm_head, strategy
         self.num_layers = len(language_model.layers)
-        self.specs = {spec.layer: spec for spec in strategy.layer_specs}
-        for spec in self.specs.values():
-            if not 0 <= spec.layer < self.num_layers - 1:
+        specs = tuple(strategy.layer_specs)
+        self.specs = {spec.layer: spec for spec in specs if not spec.own_layer}  # scored in the attention kernel
+        self.own_specs = {spec.layer: spec for spec in specs if spec.own_layer}  # scored in the layer's pre-hook
+        firsts = [spec.first_layer for spec in specs]
+        for spec in specs:
+            if not 1 <= spec.first_layer <= self.num_layers - 1 or spec.layer < 0:
+                valid = f"1..{self.num_layers - 1}" if spec.own_layer else f"0..{self.num_layers - 2}"
                 raise ValueError(
                     f"{strategy.name} scores layer {spec.layer}, but this LLM has {self.num_layers} layers "
-                    f"(valid: 0..{self.num_layers - 2}); set the strategy's layer for this backbone"
+                    f"(valid: {valid}); set the strategy's layer for this backbone"
                 )
+        if len(set(firsts)) != len(firsts):
+            raise ValueError(f"{strategy.name}: two in-LLM stages apply at the same layer ({sorted(firsts)})")
         self._run: _Run | None = None
+        self._shift: list[int] = []  # per layer: decode position offset left by renumbered stages
         self._handles = []
         impl = language_model.config._attn_implementation
         if self.specs:
@@ -185,13 +200,13 @@ class PrunedLM:
                     f"{impl!r}, which vidprune cannot wrap; load the model with attn_implementation in "
                     f"{sorted(SCORING_KERNELS)} (the scoring kernel wraps it; 'sdpa' is the default)"
                 )
-            uniform = all(spec.prune_past_kv for spec in self.specs.values())
-            if impl == SCORING_KERNELS["eager"] and not uniform:
-                raise ValueError(
-                    f"{strategy.name}: eager attention builds one decode mask for all layers, so every layer's KV "
-                    "cache must have the same length; enable the strategy's KV pruning (e.g. fastv prune_kv=true) "
-                    "or use attn_implementation='sdpa'"
-                )
+        uniform = all(spec.prune_past_kv for spec in specs)
+        if specs and impl in ("eager", SCORING_KERNELS["eager"]) and not uniform:
+            raise ValueError(
+                f"{strategy.name}: eager attention builds one decode mask for all layers, so every layer's KV "
+                "cache must have the same length; enable the strategy's KV pruning (e.g. fastv prune_kv=true) "
+                "or use attn_implementation='sdpa'"
+            )
         self.attn_implementation = impl
         for i, layer in enumerate(language_model.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
@@ -217,22 +232,23 @@ class PrunedLM:
         def hook(module, args, kwargs):
             run = self._run
             if run is None:
-                return None
+                return self._decode_positions(i, args, kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            if i in run.pending:
-                keep, prune_past = run.pending.pop(i)
-                hidden = hidden[:, keep]
-                run.cur, run.visual = run.cur[keep], run.visual[keep]
-                if prune_past:
-                    self._prune_past_kv(run, i)
+            stage = run.pending.pop(i, None)
+            if stage is None and i in self.own_specs:
+                stage = self._score_own(module, self.own_specs[i], hidden, kwargs["position_embeddings"])
+            if stage is not None:
+                hidden = self._apply(run, i, hidden, *stage)
             run.counts[i] = int((run.visual >= 0).sum())
             run.lengths[i] = int(run.cur.numel())
             run.layer_pos[i] = run.cur
-            if run.cur.numel() != run.seq_len:  # slice everything that is still indexed by original position
-                cos, sin = kwargs["position_embeddings"]
-                kwargs["position_embeddings"] = (cos[:, run.cur], sin[:, run.cur])
+            run.last_pos[i] = int(run.pos[-1])
+            if run.cur.numel() != run.seq_len or run.renumbered:
+                # slice everything indexed by sequence position (RoPE tables, mask) to the tokens still present;
+                # after a renumbering stage RoPE is recomputed at the new contiguous positions
+                kwargs["position_embeddings"] = self._rope(run, hidden, kwargs["position_embeddings"])
                 if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = kwargs["position_ids"][:, run.cur]
+                    kwargs["position_ids"] = run.pos[None]
                 if "flash" in self.attn_implementation:
                     # FA2 reads gapped position_ids as packed sequences; RoPE already comes from position_embeddings.
                     kwargs["position_ids"] = None
@@ -243,6 +259,20 @@ class PrunedLM:
 
         return hook
 
+    def _decode_positions(self, i: int, args, kwargs):
+        """Decode step: layers after a renumbering stage see the new token ``shift`` positions earlier (PDrop)."""
+        shift = self._shift[i] if i < len(self._shift) else 0
+        if not shift:
+            return None
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            raise RuntimeError("decoding after a renumbering stage needs explicit position_ids (PrunedLM.generate)")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        pos = pos - shift
+        kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, pos)
+        kwargs["position_ids"] = None if "flash" in self.attn_implementation else pos
+        return args, kwargs
+
     def _prune_past_kv(self, run: _Run, upto: int) -> None:
         """Index-select the caches of layers ``< upto`` to the tokens still present (PruneVid: layers 0..K)."""
         for j in range(upto):
@@ -251,13 +281,16 @@ class PrunedLM:
             layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
             run.layer_pos[j] = run.cur
 
+    def _visual_span(self, run: _Run) -> tuple[Tensor, int, int]:
+        vis_local = (run.visual >= 0).nonzero()[:, 0]  # [n_cur] positions of visual tokens in the current sequence
+        return vis_local, int(vis_local[0]), int(vis_local[-1]) + 1
+
     def _maybe_score(self, module: nn.Module, query: Tensor, key: Tensor) -> None:
         run = self._run
         spec = self.specs.get(module.layer_idx)
         if run is None or spec is None or query.shape[2] != run.cur.numel():
             return  # not prefill, or not a scoring layer
-        vis_local = (run.visual >= 0).nonzero()[:, 0]  # [n_cur] positions of visual tokens in the current sequence
-        start, end = int(vis_local[0]), int(vis_local[-1]) + 1
+        vis_local, start, end = self._visual_span(run)
         seq = run.cur.numel()
         if spec.rope:
             q, k, q_start = query[0], key[0, :, -seq:], 0
@@ -270,19 +303,69 @@ class PrunedLM:
         span = visual_scores(q, k, start, end, spec, scale=module.scaling, q_start=q_start)
         row_start, row_end = query_rows(spec, seq, end)
         run.scoring.append((row_end - row_start, seq, not spec.rope))
-        scores = span[vis_local - start]
-        keep = self.strategy.in_llm(LayerInput(spec.layer, scores, run.visual[vis_local], run.pre))
+        # decided in the pre-hook of the next layer, where the hidden states the stage may merge are at hand
+        run.pending[spec.first_layer] = (spec, span[vis_local - start], vis_local)
+
+    def _score_own(self, layer: nn.Module, spec, hidden: Tensor, rope: tuple[Tensor, Tensor]):
+        """PyramidDrop: the layer's own post-RoPE Q (named rows) and K, projected from its normalised input."""
+        run = self._run
+        vis_local, start, end = self._visual_span(run)
+        seq = run.cur.numel()
+        attn = layer.self_attn
+        hd = attn.head_dim
+        q_start, q_end = query_rows(spec, seq, end)
+        x = layer.input_layernorm(hidden)[0]  # [S_cur, D]
+        q = attn.q_proj(x[q_start:]).view(seq - q_start, -1, hd).transpose(0, 1)
+        k = attn.k_proj(x).view(seq, -1, hd).transpose(0, 1)
+        cos, sin = self._rope(run, hidden, rope)
+        cos, sin = cos[0].to(q.dtype), sin[0].to(q.dtype)  # [S_cur, hd]
+        q = q * cos[q_start:] + _rotate_half(q) * sin[q_start:]
+        k = k * cos + _rotate_half(k) * sin
+        span = visual_scores(q, k, start, end, spec, scale=attn.scaling, q_start=q_start)
+        run.scoring.append((q_end - q_start, seq, True))
+        return spec, span[vis_local - start], vis_local
+
+    def _rope(self, run: _Run, hidden: Tensor, full: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """RoPE ``(cos, sin)`` ``[1, S_cur, hd]`` of the current tokens at the positions they now have."""
+        if run.renumbered:
+            return self.lm.rotary_emb(hidden, run.pos[None])
+        return full[0][:, run.cur], full[1][:, run.cur]  # the model's tables, indexed by sequence position
+
+    def _apply(self, run: _Run, i: int, hidden: Tensor, spec, scores: Tensor, vis_local: Tensor) -> Tensor:
+        """Ask the strategy, then drop (and merge) before layer ``i``; returns the new ``[1, S', D]`` states."""
+        states = hidden[0, vis_local] if spec.hidden else None
+        result = self.strategy.in_llm(LayerInput(spec.layer, scores, run.visual[vis_local], run.pre, states))
+        keep = kept_indices(result)
         if keep.dim() != 1 or (keep.numel() and (keep.min() < 0 or keep.max() >= vis_local.numel())):
             raise RuntimeError(f"{self.strategy.name}.in_llm returned indices outside 0..{vis_local.numel() - 1}")
         if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
             raise RuntimeError(f"{self.strategy.name}.in_llm must return sorted, unique indices")
         if keep.numel() == 0:
             raise RuntimeError(f"{self.strategy.name}.in_llm kept no visual token at layer {spec.layer}")
+        if isinstance(result, LayerMerge) and result.into.numel() != vis_local.numel():
+            raise RuntimeError(f"{self.strategy.name}.in_llm merge covers {result.into.numel()} of {vis_local.numel()}")
         keep_mask = run.visual < 0  # text and separators always stay
         keep_mask[vis_local[keep]] = True
         keep_local = keep_mask.nonzero()[:, 0]
+        out = hidden[:, keep_local]
+        if isinstance(result, LayerMerge):
+            out = out.clone()  # the pre-hook's input may be the previous layer's output, still referenced
+            member = result.into >= 0
+            h = hidden[0, vis_local[member]].float() * result.weights[member].float().unsqueeze(1)
+            merged = torch.zeros(keep.numel(), hidden.shape[-1], device=hidden.device, dtype=torch.float32)
+            merged.index_add_(0, result.into[member], h)
+            slots = torch.searchsorted(keep_local, vis_local[keep])  # where the survivors sit in the new sequence
+            out[0, slots] = merged.to(hidden.dtype)
         run.kept.append(run.visual[vis_local[keep]])
-        run.pending[spec.layer + 1] = (keep_local, spec.prune_past_kv)
+        run.cur, run.visual = run.cur[keep_local], run.visual[keep_local]
+        run.pos = run.pos[keep_local]
+        if spec.positions == "renumber":
+            contiguous = torch.arange(keep_local.numel(), device=keep_local.device) + run.pos[0]
+            if not torch.equal(contiguous, run.pos):  # nothing dropped: the model's own RoPE tables still hold
+                run.pos, run.renumbered = contiguous, True
+        if spec.prune_past_kv:
+            self._prune_past_kv(run, i)
+        return out
 
     # -- prefill and greedy decoding -------------------------------------------------------------------------------
 
@@ -325,8 +408,9 @@ class PrunedLM:
         clock = clock or StageClock(device)
         cache = DynamicCache(config=self.lm.config)
         positions = torch.arange(seq, device=device)
-        run = _Run(pre, seq, positions, visual.to(device), [0] * self.num_layers, cache, [0] * self.num_layers)
-        self._run = run
+        run = _Run(pre, seq, positions, positions, visual.to(device), [0] * self.num_layers, cache)
+        run.lengths = [0] * self.num_layers
+        self._run, self._shift = run, []
         try:
             clock.start()
             out = self.lm(
@@ -337,24 +421,36 @@ class PrunedLM:
             token = int(logits.argmax())
         finally:
             self._run = None
+        # decode step i sits at S + i in layers that kept positions, and right after the renumbered prompt elsewhere
+        last = int(positions[-1])
+        self._shift = [last - run.last_pos.get(i, last) for i in range(self.num_layers)]
         stats = PrefillStats(seq, run.counts, kept=run.kept, tokens_per_layer=run.lengths, scoring=run.scoring)
         stats.kv_len_per_layer = [int(layer.keys.shape[2]) for layer in cache.layers]
         stats.kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         tokens, all_logits = [token], [logits] if return_logits else []
         embed = self.lm.embed_tokens
-        while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
-            step = torch.tensor([[tokens[-1]]], device=device)
-            pos = torch.tensor([[seq + len(tokens) - 1]], device=device)
-            out = self.lm(inputs_embeds=embed(step), position_ids=pos, past_key_values=cache, use_cache=True)
-            logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
-            tokens.append(int(logits.argmax()))
-            if return_logits:
-                all_logits.append(logits)
+        try:
+            while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
+                step = torch.tensor([[tokens[-1]]], device=device)
+                pos = torch.tensor([[seq + len(tokens) - 1]], device=device)
+                out = self.lm(inputs_embeds=embed(step), position_ids=pos, past_key_values=cache, use_cache=True)
+                logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
+                tokens.append(int(logits.argmax()))
+                if return_logits:
+                    all_logits.append(logits)
+        finally:
+            self._shift = []
         clock.mark("decode")
         times = clock.seconds()
         stats.prefill_s, stats.decode_s = times["prefill"], times["decode"]
         stats.new_tokens = len(tokens)
         return tokens, stats, all_logits
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """RoPE's rotation of the two halves of the head dimension (HF ``rotate_half``, Llama and Qwen2 alike)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class StageClock:
