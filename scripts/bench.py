@@ -182,7 +182,7 @@ def check_targets(preset: str, rows: list[dict], device: torch.device) -> list[d
         if r["method"] == "none":
             continue
         tests = []
-        if r["method"] in ("fastv", "prunevid", "hieravid") and r["ratio"] == 0.3:
+        if r["method"] in ("fastv", "prunevid", "hieravid", "pdrop") and r["ratio"] == 0.3:
             tests.append(("TTFT ratio <= 1.2 x FLOPs ratio", r["efficiency"] >= TARGET_EFFICIENCY))
         pct = r["pre_llm_pct_of_unpruned_prefill"]
         tests.append((f"pre-LLM <= {TARGET_PRE_LLM_PCT:g} % of unpruned prefill", pct <= TARGET_PRE_LLM_PCT))
@@ -246,7 +246,7 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: llava_ov on CUDA, cpu on CPU")
-    ap.add_argument("--methods", default="fastv,prunevid,hieravid,pool,random", help="compared against none")
+    ap.add_argument("--methods", default="fastv,prunevid,hieravid,pdrop,pool,random", help="compared against none")
     ap.add_argument("--ratios", default="0.3", help="comma-separated; each method runs at each ratio")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")

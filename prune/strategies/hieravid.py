@@ -244,10 +244,14 @@ class HieraVid:
             (authors' sweep {0.2, 0.6, 0.8}; default 0.6).
         quality: DPP quality ``q``: ``"uniform"`` (``q = 1``, pure diversity) or ``"text"`` (relevance to
             ``VideoTokens.text``, min-max normalised into [0.01, 1]).
-        boundaries: layers ``b`` where a stage starts; scored at layer ``b - 1``. Strictly increasing in
-            ``1 .. num_layers - 1``; ``()`` disables the layer level.
+        boundaries: layers ``b`` where a stage starts. Strictly increasing in ``1 .. num_layers - 1``; ``()``
+            disables the layer level.
         stage_keep: ``lambda``, the planned fraction each stage keeps of the previous one, in (0, 1].
         num_layers: decoder layers of the LLM (Qwen2-7B: 28), ``>= 1``.
+        layer_rule: how a stage scores and numbers: ``"fastv"`` (default) scores with layer ``b - 1``'s own
+            attention and survivors keep their original positions (hieravid.md B.3, FastV/HoliTom); ``"pdrop"``
+            scores with layer ``b``'s own Q/K before it runs and renumbers positions (PyramidDrop's code). Why the
+            default: ``docs/methods/hieravid.md`` ("Layer level: which rule").
     """
 
     ratio: float = 0.3
@@ -259,6 +263,7 @@ class HieraVid:
     boundaries: tuple[int, ...] = (7, 14, 21)
     stage_keep: float = 0.7
     num_layers: int = 28
+    layer_rule: str = "fastv"
     name: str = "hieravid"
 
     def __post_init__(self) -> None:
@@ -271,6 +276,8 @@ class HieraVid:
         check_ratio(self.stage_keep, "stage_keep")
         if self.quality not in ("uniform", "text"):
             raise ValueError(f"quality must be 'uniform' or 'text', got {self.quality!r}")
+        if self.layer_rule not in ("fastv", "pdrop"):
+            raise ValueError(f"layer_rule must be 'fastv' or 'pdrop', got {self.layer_rule!r}")
         # Hydra hands a ListConfig; store a tuple so the dataclass stays hashable and immutable
         try:
             bounds = tuple(self.boundaries)
@@ -395,9 +402,20 @@ class HieraVid:
 
     @property
     def layer_specs(self) -> tuple[LayerSpec, ...]:
-        # FastV/PDrop signal: head-mean attention of the last prompt token, post-RoPE, causal (hieravid.md B.3)
+        # Head-mean attention of the last prompt token, post-RoPE, causal (hieravid.md B.3): from layer b-1's forward
+        # with gapped positions (fastv), or from layer b's own Q/K with renumbered positions (pdrop).
+        pdrop = self.layer_rule == "pdrop"
         return tuple(
-            LayerSpec(layer=b - 1, queries="last", head_reduce="mean", query_reduce="mean", rope=True, causal=True)
+            LayerSpec(
+                layer=b if pdrop else b - 1,
+                queries="last",
+                head_reduce="mean",
+                query_reduce="mean",
+                rope=True,
+                causal=True,
+                own_layer=pdrop,
+                positions="renumber" if pdrop else "keep",
+            )
             for b in self.boundaries
         )
 
@@ -407,7 +425,7 @@ class HieraVid:
         Returns:
             ``[k]`` sorted long indices into ``step.visual``.
         """
-        layers = [b - 1 for b in self.boundaries]
+        layers = [spec.layer for spec in self.layer_specs]
         if step.layer not in layers:
             raise ValueError(f"hieravid scores at layers {layers}, got layer {step.layer}")
         if step.scores.dim() != 1 or step.scores.numel() != step.visual.numel():

@@ -26,7 +26,11 @@ PREFIX = [151644, 872, 198]  # <|im_start|>user\n
 SUFFIX = [198, 3838, 374, 279, 1697, 3730, 30, 198, 151645, 198, 151644, 77091, 198]  # question + assistant turn
 CONFIGS = Path(__file__).parents[2] / "configs" / "prune"
 # Per-strategy settings that fit the tiny 4-layer LLM (the real defaults target 28/32 layers).
-TINY_OVERRIDES = {"prunevid": {"layer": 1}, "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]}}
+TINY_OVERRIDES = {
+    "prunevid": {"layer": 1},
+    "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
+    "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
+}
 
 
 @pytest.fixture(scope="module")

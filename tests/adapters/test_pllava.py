@@ -37,7 +37,11 @@ T = 16
 PREFIX = [1, 3148, 1001, 29901, 29871]
 SUFFIX = [29871, 13, 3148, 1001, 29901, 1724, 338, 540, 2599, 29973, 319, 1799, 9047, 13566, 29901]
 CONFIGS = Path(__file__).parents[2] / "configs" / "prune"
-TINY_OVERRIDES = {"prunevid": {"layer": 1}, "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]}}
+TINY_OVERRIDES = {
+    "prunevid": {"layer": 1},
+    "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
+    "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
+}
 
 # Tiny original checkpoint: 2 CLIP layers (width 32), 2 Llama layers (width 64, 4 heads), LoRA rank 8 on q/v.
 DV, D, FFN, LAYERS, HEADS, R, V = 32, 64, 128, 2, 4, 8, 32064

@@ -37,7 +37,11 @@ T = 8
 TEXT = [835, 29950, 7889, 29901, 1724, 338, 278, 767, 2599, 29973, 835, 7900, 22137, 29901, 29871]
 QIDS = torch.tensor([[101, 2054, 2003, 1996, 2158, 2725, 1029, 102]])  # [CLS] what is the man doing ? [SEP]
 CONFIGS = Path(__file__).parents[2] / "configs" / "prune"
-TINY_OVERRIDES = {"prunevid": {"layer": 1}, "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]}}
+TINY_OVERRIDES = {
+    "prunevid": {"layer": 1},
+    "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
+    "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
+}
 # Tiny geometry of the original checkpoint written below.
 DV, FV, LV, DQ, FQ, LQ, VQ, D, FF, L, V = 32, 64, 4, 32, 64, 2, 30523, 64, 128, 4, 32001
 CONFIG_JSON = {

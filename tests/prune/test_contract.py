@@ -37,6 +37,9 @@ def _expected_ok(name: str, s: Strategy, pre: PreLLMOutput, budget: TokenBudget)
     elif name == "prunevid":
         # Stage 1 is content-dependent; stage 2 keeps int(alpha * size) of every group.
         ok = budget.per_layer[-1] == sum(math.floor(g * r) for g in pre.groups)
+    elif name == "pdrop":
+        # ratio is PDrop's layer-averaged retention; int() per stage loses under a token per stage.
+        ok = budget.layer_avg_ratio <= r + 1e-9 and abs(budget.layer_avg_ratio - r) <= 0.01 * r
     elif name == "hieravid":
         # ratio is the layer-averaged retention; within 1 % of it (and never above by more than a token per layer).
         ok = abs(budget.layer_avg_ratio - r) <= 0.01 * r
@@ -47,7 +50,7 @@ def _expected_ok(name: str, s: Strategy, pre: PreLLMOutput, budget: TokenBudget)
 
 def _strategy(name: str, ratio: float) -> Strategy:
     cfg = OmegaConf.create({"ratio": ratio, "prune": OmegaConf.load(CONFIGS[NAMES.index(name)])})
-    if name == "hieravid":
+    if name in ("hieravid", "pdrop"):
         cfg.prune.num_layers = NUM_LAYERS
     return instantiate(cfg.prune)
 
