@@ -24,7 +24,8 @@ Official code: ``Cooperx521/PyramidDrop`` (``llava/model/modeling_llama_pdrop.py
 ``ratio`` maps onto ``lambda``: it is the layer-averaged fraction of visual tokens the LLM processes,
 ``(b_1 + sum_s (b_{s+1} - b_s) * lambda^s) / L`` with ``b_{S+1} = L`` (PDrop's own accounting, "average token
 number"), solved for ``lambda`` by bisection. PDrop's README setting (``lambda = 0.5`` at ``[8, 16, 24]``, ``L = 32``)
-is ``ratio = 15/32 = 0.469``. The first stage always runs on every token, so ``ratio`` must be at least ``b_1 / L``.
+is ``ratio = 15/32 = 0.469``. The first stage always runs on every token, so ``ratio`` below ``b_1 / L`` is out of
+reach: it gives ``lambda = 0`` (one token per later stage), the nearest schedule, and the achieved budget says so.
 
 Deviations: ties keep the earlier token (``topk`` leaves them unspecified); the softmax and the head mean stay in
 fp32 (the code casts the probabilities back to the model dtype before averaging); every stage keeps at least one
@@ -64,17 +65,14 @@ def layer_average(layers: tuple[int, ...], lam: float, num_layers: int) -> float
 def solve_lambda(ratio: float, layers: tuple[int, ...], num_layers: int) -> float:
     """``lambda`` whose schedule has layer-averaged retention ``ratio`` (bisection; exact 1.0 at ``ratio = 1``).
 
-    Raises:
-        ValueError: ``ratio < b_1 / L``: the layers before the first boundary alone exceed the budget.
+    Below ``b_1 / L`` (what the layers before the first boundary cost on their own) no ``lambda`` reaches the target:
+    the answer is 0, the nearest schedule (one token per later stage), as FastV's layers before K are a floor too.
+    The achieved budget is measured and recorded; the equal-budget solver warns about it.
     """
-    floor = layers[0] / num_layers
-    if ratio < floor - 1e-12:
-        raise ValueError(
-            f"pdrop: ratio {ratio} is below {floor:.3f} = b_1/L ({layers[0]}/{num_layers}), what the layers before "
-            f"the first boundary cost on their own; move the first boundary earlier (layers={list(layers)})"
-        )
     if ratio >= 1.0:
         return 1.0
+    if ratio <= layers[0] / num_layers:
+        return 0.0
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
@@ -90,7 +88,8 @@ class PyramidDrop:
     """PyramidDrop: at each boundary layer keep the ``int(N * lambda^s)`` tokens the last prompt token attends most.
 
     Args:
-        ratio: layer-averaged fraction of the visual tokens the LLM processes, in [b_1/L, 1]; sets ``lambda``.
+        ratio: layer-averaged fraction of the visual tokens the LLM processes, in (0, 1]; sets ``lambda``
+            (below ``b_1 / L`` the nearest schedule, ``lambda = 0``).
         layers: boundary layers ``b_s`` (PDrop's ``layer_list``), strictly increasing in ``1..num_layers-1``;
             tokens are dropped before each, scored with that layer's own Q/K.
         num_layers: decoder layers of the LLM (28 for the Qwen2-7B backbones; PDrop's LLaMA-7B has 32).
@@ -179,9 +178,17 @@ class PyramidDrop:
         Raises:
             ValueError: ``num_layers`` differs from the one the schedule was built for.
         """
+        return self.planned_counts(pre.n, num_layers)
+
+    def planned_counts(self, n_in: int, num_layers: int) -> tuple[int, ...]:
+        """Budget-exact (``prune.budget.PlannedCounts``): every token enters the LLM, so counts follow from ``N``.
+
+        Raises:
+            ValueError: ``num_layers`` differs from the one the schedule was built for.
+        """
         if num_layers != self.num_layers:
             raise ValueError(f"pdrop was configured for num_layers={self.num_layers}, got {num_layers}")
-        counts = (pre.n, *self.stage_counts(pre.n))
+        counts = (n_in, *self.stage_counts(n_in))
         edges = (0, *self.layers, num_layers)
         out: list[int] = []
         for s, count in enumerate(counts):

@@ -44,7 +44,11 @@ KINDS = ("dynamic", "mixed", "static")
 # Targets a method cannot reach by construction; the solver must give the nearest achievable value.
 STRUCTURAL = {
     ("fastv", "tokens_in"): "FastV prunes inside the LLM: every visual token enters it",
+    ("pdrop", "tokens_in"): "PyramidDrop prunes inside the LLM: every visual token enters it",
 }
+# PyramidDrop's layers before its first boundary see every token: targets below that floor (one token per later
+# stage) are out of reach. The floor is computed from the schedule, not listed by hand.
+FLOORED = {"pdrop"}
 # Targets between two achievable counts: every frame's dynamic PruneVid group has the same size, so its stage-1 and
 # stage-2 counts move in steps of at least T tokens (16 / 2304 = 0.7 %, 7 % of a 10 % budget); on the static video
 # the static groups of the segments step at the same γ, 18 tokens at once. The nearest count is within half a step.
@@ -129,7 +133,8 @@ def test_every_strategy_hits_every_measure(name, kind, measure):
         assert sol.achieved == pytest.approx(achieved(counts, N, measure, TEXT, HIDDEN, FFN)), where
         assert pre.solved == sol and dict(sol.knobs) == {k: getattr(s, k) for k, _ in sol.knobs}, where
         assert min(counts) >= 1, where
-        if (name, measure) in STRUCTURAL or (name, kind, measure, budget) in GRANULAR:
+        below_floor = name in FLOORED and budget < (1 - TOLERANCE) * _floor(s, measure)
+        if (name, measure) in STRUCTURAL or (name, kind, measure, budget) in GRANULAR or below_floor:
             assert not sol.reachable and len(warned) == 1, where
             _assert_nearest(s, pre, sol, where)
             if (name, kind, measure, budget) in GRANULAR:  # within half a step of at most 18 tokens
@@ -137,6 +142,12 @@ def test_every_strategy_hits_every_measure(name, kind, measure):
         else:
             assert sol.reachable and not warned, where
             assert abs(sol.achieved - budget) <= TOLERANCE * budget, where
+
+
+def _floor(s, measure: str) -> float:
+    """The smallest achievable value of ``measure`` for an in-LLM schedule: its smallest counts (knob near 0)."""
+    counts = dataclasses.replace(s, ratio=1e-4).planned_counts(N, NUM_LAYERS)
+    return achieved(counts, N, measure, TEXT, HIDDEN, FFN)
 
 
 def _assert_nearest(s, pre: PreLLMOutput, sol, where: str) -> None:

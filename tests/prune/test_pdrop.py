@@ -29,11 +29,13 @@ def test_counts_come_from_the_original_n_not_compounded():
     assert s.stage_counts(101) == tuple(int(101 * lam**i) for i in (1, 2, 3))
 
 
-def test_ratio_one_keeps_everything_and_low_ratio_is_refused():
+def test_ratio_one_keeps_everything_and_a_ratio_below_the_first_stage_is_the_floor():
     assert solve_lambda(1.0, (7, 14, 21), 28) == 1.0
     assert PyramidDrop(ratio=1.0).stage_counts(6272) == (6272,) * 3
-    with pytest.raises(ValueError, match="below 0.250"):
-        PyramidDrop(ratio=0.2)
+    # the first 7 of 28 layers see every token: below 0.25 the nearest schedule keeps one token per later stage
+    low = PyramidDrop(ratio=0.2)
+    assert low.stage_keep == 0.0 and low.stage_counts(6272) == (1, 1, 1)
+    assert PyramidDrop(ratio=0.26).stage_keep > 0
 
 
 def test_keeps_top_scores_with_earlier_token_on_ties():
