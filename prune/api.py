@@ -213,6 +213,10 @@ class LayerSpec:
             layers that see it (PyramidDrop).
         hidden: pass the current visual tokens' hidden states entering :attr:`first_layer` to ``in_llm``
             (``LayerInput.hidden``), for methods that merge by similarity.
+        mid_layer: apply the stage inside layer ``layer``, after its attention and residual add and before its MLP
+            (FrameFusion): ``hidden`` are those post-attention states and merged survivors enter the MLP merged. The
+            MLP is per token, so the survivors' outputs are exact; the other tokens leave at ``layer + 1`` (their
+            MLP output is discarded), and layer ``layer``'s KV cache holds them, as its attention ran first.
     """
 
     layer: int
@@ -225,6 +229,11 @@ class LayerSpec:
     own_layer: bool = False
     positions: Literal["keep", "renumber"] = "keep"
     hidden: bool = False
+    mid_layer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.own_layer and self.mid_layer:
+            raise ValueError(f"LayerSpec at layer {self.layer}: own_layer and mid_layer exclude each other")
 
     @property
     def first_layer(self) -> int:
@@ -241,8 +250,10 @@ class LayerInput:
         scores: ``[n_cur]`` float score of each visual token still present, as the spec asked.
         visual: ``[n_cur]`` long, sorted indices of those tokens into ``pre.tokens``.
         pre: the pre-LLM output of this sample (for group-wise selection).
-        hidden: ``[n_cur, D]`` hidden states of those tokens entering ``LayerSpec.first_layer``, when the spec asks
-            for them (``LayerSpec.hidden``); ``None`` otherwise.
+        hidden: ``[n_cur, D]`` hidden states of those tokens entering ``LayerSpec.first_layer`` (after the attention
+            of ``layer`` for a ``mid_layer`` spec), when the spec asks for them (``LayerSpec.hidden``); else ``None``.
+        state: a scratch dict, fresh for each sample and shared by all its stages in layer order, for methods whose
+            later stages depend on earlier outcomes (FrameFusion's merge history); ``None`` outside a run.
     """
 
     layer: int
@@ -250,6 +261,7 @@ class LayerInput:
     visual: Tensor
     pre: PreLLMOutput
     hidden: Tensor | None = None
+    state: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -380,14 +392,16 @@ def simulate(
     visual = torch.arange(pre.n, device=pre.tokens.device)
     counts = [pre.n] * num_layers
     kept = []
+    state: dict = {}
     for spec in strategy.layer_specs:
-        if not 0 <= spec.layer < num_layers - 1 + spec.own_layer or spec.first_layer < 1:
+        if not 0 <= spec.layer < num_layers - 1 + spec.own_layer:
             raise ValueError(
-                f"{strategy.name}: stage at layer {spec.layer} (own_layer={spec.own_layer}) leaves no layer before "
-                f"or after it in a {num_layers}-layer LLM"
+                f"{strategy.name}: stage at layer {spec.layer} (own_layer={spec.own_layer}) leaves no layer after "
+                f"it in a {num_layers}-layer LLM"
             )
         hidden = pre.tokens[visual] if spec.hidden else None  # no LLM here: the input embeddings stand in
-        keep = kept_indices(strategy.in_llm(LayerInput(spec.layer, score_fn(spec, visual, pre), visual, pre, hidden)))
+        step = LayerInput(spec.layer, score_fn(spec, visual, pre), visual, pre, hidden, state)
+        keep = kept_indices(strategy.in_llm(step))
         visual = visual[keep]
         kept.append(visual)
         for layer in range(spec.first_layer, num_layers):

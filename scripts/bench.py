@@ -246,7 +246,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: llava_ov on CUDA, cpu on CPU")
-    ap.add_argument("--methods", default="fastv,prunevid,hieravid,pdrop,pool,random", help="compared against none")
+    methods = "fastv,prunevid,hieravid,pdrop,framefusion,pool,random"
+    ap.add_argument("--methods", default=methods, help="compared against none")
     ap.add_argument("--ratios", default="0.3", help="comma-separated; each method runs at each ratio")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -15,6 +15,10 @@ What a strategy's :class:`~prune.api.LayerSpec` asks for is done with four mecha
    the survivors' slots (:class:`~prune.api.LayerMerge`), and slice RoPE ``(cos, sin)``, ``position_ids`` and any
    4-D mask at every later layer. Survivors keep their original positions (gaps allowed), or the sequence is
    renumbered contiguously (``positions="renumber"``); a merged token sits at its survivor's position.
+   A mid-layer stage (FrameFusion) is decided in a forward hook on the layer's attention instead: the survivors'
+   attention output is rewritten so that ``residual + attention`` is their merged state, the MLP (per token) runs on
+   it, and the other tokens leave at the next layer's pre-hook; that layer's cache holds every token, as its
+   attention ran before the merge.
 3. **KV-cache edits**: with ``prune_past_kv`` the caches of the layers before the drop are index-selected to the
    survivors (PruneVid); otherwise they keep every token (FastV's in-place variant). Absorbed tokens count as
    dropped; the survivors' cached entries before the merge are those of their own unmerged states.
@@ -152,10 +156,13 @@ class _Run:
     cache: object
     lengths: list[int] = field(default_factory=list)
     scoring: list[tuple[int, int, bool]] = field(default_factory=list)
-    pending: dict[int, tuple] = field(default_factory=dict)  # first layer -> (spec, scores [n_cur], vis_local)
+    # first layer (or ("mid", layer)) -> (spec, scores [n_cur], vis_local), or ("drop", ...) decided mid-layer
+    pending: dict = field(default_factory=dict)
     layer_pos: dict[int, Tensor] = field(default_factory=dict)  # original positions cached by each layer
     last_pos: dict[int, int] = field(default_factory=dict)  # RoPE position of the last prompt token in each layer
     renumbered: bool = False
+    state: dict = field(default_factory=dict)  # the strategy's per-sample scratch (LayerInput.state)
+    layer_input: Tensor | None = None  # [1, S_cur, D] input of the current layer, for mid-layer stages
     attn_input: Tensor | None = None
     kept: list[Tensor] = field(default_factory=list)
 
@@ -177,9 +184,10 @@ class PrunedLM:
         self.specs = {spec.layer: spec for spec in specs if not spec.own_layer}  # scored in the attention kernel
         self.own_specs = {spec.layer: spec for spec in specs if spec.own_layer}  # scored in the layer's pre-hook
         firsts = [spec.first_layer for spec in specs]
+        self.mid_specs = {spec.layer for spec in specs if spec.mid_layer}  # applied after the layer's attention
         for spec in specs:
-            if not 1 <= spec.first_layer <= self.num_layers - 1 or spec.layer < 0:
-                valid = f"1..{self.num_layers - 1}" if spec.own_layer else f"0..{self.num_layers - 2}"
+            if not (0 if spec.own_layer else 1) <= spec.first_layer <= self.num_layers - 1 or spec.layer < 0:
+                valid = f"0..{self.num_layers - 1}" if spec.own_layer else f"0..{self.num_layers - 2}"
                 raise ValueError(
                     f"{strategy.name} scores layer {spec.layer}, but this LLM has {self.num_layers} layers "
                     f"(valid: {valid}); set the strategy's layer for this backbone"
@@ -213,6 +221,8 @@ class PrunedLM:
             layer.self_attn._vidprune = self
             if i in self.specs and not self.specs[i].rope:
                 self._handles.append(layer.self_attn.register_forward_pre_hook(self._capture_input, with_kwargs=True))
+            if i in self.mid_specs:
+                self._handles.append(layer.self_attn.register_forward_hook(self._mid_hook(i), with_kwargs=True))
 
     def remove(self) -> None:
         """Uninstall the hooks (the attention implementation name stays; it behaves as the stock kernel)."""
@@ -235,10 +245,15 @@ class PrunedLM:
                 return self._decode_positions(i, args, kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             stage = run.pending.pop(i, None)
-            if stage is None and i in self.own_specs:
-                stage = self._score_own(module, self.own_specs[i], hidden, kwargs["position_embeddings"])
-            if stage is not None:
-                hidden = self._apply(run, i, hidden, *stage)
+            if stage is not None and stage[0] == "drop":  # decided inside layer i - 1 (mid-layer stage)
+                hidden = self._commit(run, i, hidden, *stage[1:3], None, *stage[3:])
+            else:
+                if stage is None and i in self.own_specs:
+                    stage = self._score_own(module, self.own_specs[i], hidden, kwargs["position_embeddings"])
+                if stage is not None:
+                    hidden = self._commit(run, i, hidden, *self._decide(run, *stage, hidden))
+            if i in self.mid_specs:
+                run.layer_input = hidden  # the residual stream the mid-layer stage adds the attention output to
             run.counts[i] = int((run.visual >= 0).sum())
             run.lengths[i] = int(run.cur.numel())
             run.layer_pos[i] = run.cur
@@ -256,6 +271,27 @@ class PrunedLM:
                 if isinstance(mask, Tensor) and mask.dim() == 4:
                     kwargs["attention_mask"] = mask[:, :, run.cur][:, :, :, run.cur]
             return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def _mid_hook(self, i: int):
+        """After layer ``i``'s attention: decide, and write merged survivors into the attention output (FrameFusion)."""
+
+        def hook(module, args, kwargs, output):
+            run = self._run
+            stage = None if run is None else run.pending.pop(("mid", i), None)
+            if stage is None:
+                return None
+            attn_out = output[0]
+            residual = run.layer_input
+            keep, keep_local, merged, spec, vis_local = self._decide(run, *stage, residual + attn_out)
+            if merged is not None:
+                # residual + attn_out becomes the merged state in the survivors' slots; the MLP is per token
+                slots = vis_local[keep]
+                attn_out = attn_out.clone()
+                attn_out[0, slots] = (merged.float() - residual[0, slots].float()).to(attn_out.dtype)
+            run.pending[i + 1] = ("drop", keep, keep_local, spec, vis_local)
+            return (attn_out, *output[1:])
 
         return hook
 
@@ -303,8 +339,10 @@ class PrunedLM:
         span = visual_scores(q, k, start, end, spec, scale=module.scaling, q_start=q_start)
         row_start, row_end = query_rows(spec, seq, end)
         run.scoring.append((row_end - row_start, seq, not spec.rope))
-        # decided in the pre-hook of the next layer, where the hidden states the stage may merge are at hand
-        run.pending[spec.first_layer] = (spec, span[vis_local - start], vis_local)
+        # decided where the hidden states the stage may merge are at hand: after this layer's attention (mid-layer
+        # stages) or in the pre-hook of the next layer
+        key = ("mid", spec.layer) if spec.mid_layer else spec.first_layer
+        run.pending[key] = (spec, span[vis_local - start], vis_local)
 
     def _score_own(self, layer: nn.Module, spec, hidden: Tensor, rope: tuple[Tensor, Tensor]):
         """PyramidDrop: the layer's own post-RoPE Q (named rows) and K, projected from its normalised input."""
@@ -331,10 +369,16 @@ class PrunedLM:
             return self.lm.rotary_emb(hidden, run.pos[None])
         return full[0][:, run.cur], full[1][:, run.cur]  # the model's tables, indexed by sequence position
 
-    def _apply(self, run: _Run, i: int, hidden: Tensor, spec, scores: Tensor, vis_local: Tensor) -> Tensor:
-        """Ask the strategy, then drop (and merge) before layer ``i``; returns the new ``[1, S', D]`` states."""
+    def _decide(self, run: _Run, spec, scores: Tensor, vis_local: Tensor, hidden: Tensor):
+        """Ask the strategy for one stage.
+
+        Returns:
+            ``keep`` (indices into the visual tokens), ``keep_local`` (into the current sequence), the survivors'
+            ``[k, D]`` merged states or ``None``, then ``spec`` and ``vis_local`` for :meth:`_commit`.
+        """
         states = hidden[0, vis_local] if spec.hidden else None
-        result = self.strategy.in_llm(LayerInput(spec.layer, scores, run.visual[vis_local], run.pre, states))
+        step = LayerInput(spec.layer, scores, run.visual[vis_local], run.pre, states, run.state)
+        result = self.strategy.in_llm(step)
         keep = kept_indices(result)
         if keep.dim() != 1 or (keep.numel() and (keep.min() < 0 or keep.max() >= vis_local.numel())):
             raise RuntimeError(f"{self.strategy.name}.in_llm returned indices outside 0..{vis_local.numel() - 1}")
@@ -342,20 +386,26 @@ class PrunedLM:
             raise RuntimeError(f"{self.strategy.name}.in_llm must return sorted, unique indices")
         if keep.numel() == 0:
             raise RuntimeError(f"{self.strategy.name}.in_llm kept no visual token at layer {spec.layer}")
-        if isinstance(result, LayerMerge) and result.into.numel() != vis_local.numel():
-            raise RuntimeError(f"{self.strategy.name}.in_llm merge covers {result.into.numel()} of {vis_local.numel()}")
         keep_mask = run.visual < 0  # text and separators always stay
         keep_mask[vis_local[keep]] = True
         keep_local = keep_mask.nonzero()[:, 0]
-        out = hidden[:, keep_local]
+        merged = None
         if isinstance(result, LayerMerge):
-            out = out.clone()  # the pre-hook's input may be the previous layer's output, still referenced
+            if result.into.numel() != vis_local.numel():
+                n_cur = vis_local.numel()
+                raise RuntimeError(f"{self.strategy.name}.in_llm merge covers {result.into.numel()} of {n_cur} tokens")
             member = result.into >= 0
             h = hidden[0, vis_local[member]].float() * result.weights[member].float().unsqueeze(1)
             merged = torch.zeros(keep.numel(), hidden.shape[-1], device=hidden.device, dtype=torch.float32)
-            merged.index_add_(0, result.into[member], h)
-            slots = torch.searchsorted(keep_local, vis_local[keep])  # where the survivors sit in the new sequence
-            out[0, slots] = merged.to(hidden.dtype)
+            merged = merged.index_add_(0, result.into[member], h).to(hidden.dtype)
+        return keep, keep_local, merged, spec, vis_local
+
+    def _commit(self, run: _Run, i: int, hidden: Tensor, keep, keep_local, merged, spec, vis_local) -> Tensor:
+        """Drop the non-survivors before layer ``i``, merged states into the survivors' slots; ``[1, S', D]`` out."""
+        out = hidden[:, keep_local]
+        if merged is not None:
+            out = out.clone()  # the pre-hook's input may be the previous layer's output, still referenced
+            out[0, torch.searchsorted(keep_local, vis_local[keep])] = merged
         run.kept.append(run.visual[vis_local[keep]])
         run.cur, run.visual = run.cur[keep_local], run.visual[keep_local]
         run.pos = run.pos[keep_local]

@@ -243,12 +243,14 @@ class FixedMerge:
     weights: tuple[float, ...]
     layer: int = 1
     prune_past_kv: bool = False
+    mid_layer: bool = False
     ratio: float = 1.0
     name: str = "fixed_merge"
 
     @property
     def layer_specs(self):
-        return (LayerSpec(layer=self.layer, queries="last", prune_past_kv=self.prune_past_kv, hidden=True),)
+        spec = LayerSpec(layer=self.layer, prune_past_kv=self.prune_past_kv, hidden=True, mid_layer=self.mid_layer)
+        return (spec,)
 
     def pre_llm(self, video: VideoTokens) -> PreLLMOutput:  # pragma: no cover - LLM level only
         raise NotImplementedError
@@ -261,10 +263,10 @@ class FixedMerge:
         raise NotImplementedError
 
 
-def _mean_merge(keep):
+def _mean_merge(keep, n=N):
     """Every dropped token joins the survivor before it (the first survivor takes those before it); plain means."""
     keep_t = torch.tensor(keep)
-    into = torch.searchsorted(keep_t, torch.arange(N), right=True) - 1
+    into = torch.searchsorted(keep_t, torch.arange(n), right=True) - 1
     into = into.clamp_min(0)
     sizes = torch.bincount(into, minlength=len(keep)).float()
     return tuple(into.tolist()), tuple((1.0 / sizes[into]).tolist())
@@ -335,3 +337,172 @@ def test_hieravid_layer_rules_schedule_the_same_counts_with_their_own_specs(llm)
     pre = PreLLMOutput(torch.zeros(N, 1), torch.arange(N))
     assert tuple(stats_f.visual_per_layer) == tuple(stats_p.visual_per_layer) == fast.layer_counts(pre, 4)
     assert [r[2] for r in stats_f.scoring] == [False] * 3 and [r[2] for r in stats_p.scoring] == [True] * 3
+
+
+# --- mid-layer stages and FrameFusion ------------------------------------------------------------------------------
+
+
+def _split_layer(layer, h, mask, pos, lm):
+    """One decoder layer in two halves: ``residual + attention``, then the MLP block (Llama and Qwen2 alike)."""
+    cos, sin = lm.rotary_emb(h, pos[None])
+    normed = layer.input_layernorm(h)
+    attn = layer.self_attn(hidden_states=normed, attention_mask=mask, position_embeddings=(cos, sin))[0]
+    mid = h + attn
+
+    def mlp(x):
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    return mid, mlp
+
+
+def _ff_prompt(lm, t=4, p=10, seed=0):
+    """``t`` frames of ``p`` tokens: the first half of the positions nearly static across frames, the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    d = lm.config.hidden_size
+    ids = torch.randint(3, min(lm.config.vocab_size, 256), (PREFIX + SUFFIX,), generator=g)
+    with torch.no_grad():
+        text = lm.embed_tokens(ids)
+    scale = text.std()
+    video = torch.randn(t, p, d, generator=g)
+    video[:, : p // 2] = torch.randn(p // 2, d, generator=g) + 0.05 * video[:, : p // 2]
+    visual = (video * scale).reshape(t * p, d)
+    x = torch.cat([text[:PREFIX], visual, text[PREFIX:]])[None]
+    vis = torch.full((x.shape[1],), -1, dtype=torch.long)
+    vis[PREFIX : PREFIX + t * p] = torch.arange(t * p)
+    return x, vis, PreLLMOutput(visual, torch.arange(t * p), (p,) * t)
+
+
+def _dense_stages(lm, head, strategy, x, pre, generated):
+    """A dense forward over prompt + generated tokens that runs ``strategy``'s stages by hand, in spec order:
+    own-layer stages before the layer, mid-layer stages after its attention; scores = the last prompt token's
+    head-mean attention of that layer over the current sequence (the generated tokens never score)."""
+    n_prompt = x.shape[1]
+    with torch.no_grad():
+        new = lm.embed_tokens(torch.tensor(generated[:-1]))[None]
+        h = torch.cat([x, new], 1)
+        total = h.shape[1]
+        orig, pos = torch.arange(total), torch.arange(total)
+        visual = torch.full((total,), -1)
+        visual[PREFIX : PREFIX + pre.n] = torch.arange(pre.n)
+        full_mask = torch.zeros(total, total).masked_fill(~torch.ones(total, total, dtype=torch.bool).tril(), -1e30)
+        kinds = {s: "own" if s.own_layer else "mid" if s.mid_layer else "after" for s in strategy.layer_specs}
+        specs = {(kind, s.layer): s for s, kind in kinds.items()}
+        state: dict = {}
+        kept: list[torch.Tensor] = []
+
+        def stage(spec, h_now, layer_scores):
+            vis_local = (visual >= 0).nonzero()[:, 0]
+            step = LayerInput(spec.layer, layer_scores, visual[vis_local], pre, h_now[0, vis_local], state)
+            result = strategy.in_llm(step)
+            keep = result.keep if isinstance(result, LayerMerge) else result
+            if isinstance(result, LayerMerge):
+                member = result.into >= 0
+                merged = torch.zeros(keep.numel(), h_now.shape[-1]).index_add_(
+                    0, result.into[member], h_now[0, vis_local[member]] * result.weights[member, None]
+                )
+                h_now = h_now.clone()
+                h_now[0, vis_local[keep]] = merged
+            keep_mask = visual < 0
+            keep_mask[vis_local[keep]] = True
+            kept.append(visual[vis_local[keep]])
+            return h_now, keep_mask.nonzero()[:, 0]
+
+        def last_row_scores(layer_idx, h_in):
+            layer = lm.layers[layer_idx]
+            attn = layer.self_attn
+            xn = layer.input_layernorm(h_in)[0]
+            hd = attn.head_dim
+            last = int((orig < n_prompt).nonzero()[-1])  # the last prompt token
+            q = attn.q_proj(xn[last : last + 1]).view(1, -1, hd).transpose(0, 1)
+            k = attn.k_proj(xn[: last + 1]).view(last + 1, -1, hd).transpose(0, 1)
+            cos, sin = lm.rotary_emb(h_in, pos[None])
+            q = q * cos[0, last : last + 1] + _rotate_half(q) * sin[0, last : last + 1]
+            k = k * cos[0, : last + 1] + _rotate_half(k) * sin[0, : last + 1]
+            k = k.repeat_interleave(q.shape[0] // k.shape[0], 0)
+            probs = torch.softmax((q @ k.transpose(1, 2)).float() * attn.scaling, -1).mean(0)[0]
+            return probs[(visual[: last + 1] >= 0).nonzero()[:, 0]]
+
+        for i, layer in enumerate(lm.layers):
+            if ("own", i) in specs:
+                scores = last_row_scores(i, h)
+                h, idx = stage(specs[("own", i)], h, scores)
+                h, orig, pos, visual = h[:, idx], orig[idx], pos[idx], visual[idx]
+            mask = full_mask[orig][:, orig][None, None]
+            if ("mid", i) in specs:
+                scores = last_row_scores(i, h)
+                mid, mlp = _split_layer(layer, h, mask, pos, lm)
+                mid, idx = stage(specs[("mid", i)], mid, scores)
+                h, orig, pos, visual = mlp(mid[:, idx]), orig[idx], pos[idx], visual[idx]
+            else:
+                cos, sin = lm.rotary_emb(h, pos[None])
+                h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos[None])
+        logits = head(lm.norm(h))[0].float()
+    return kept, logits[-len(generated) :]
+
+
+def test_framefusion_in_the_adapter_equals_its_stages_run_by_hand(llm):
+    from prune.strategies.framefusion import FrameFusion
+
+    lm, head = llm
+    strategy = FrameFusion(ratio=0.5, num_layers=4)
+    x, vis, pre = _ff_prompt(lm)
+    pruned = PrunedLM(lm, head, strategy)
+    try:
+        tokens, stats, logits = pruned.generate(x, vis, pre, max_new_tokens=4, return_logits=True)
+    finally:
+        pruned.remove()
+    kept, ref = _dense_stages(lm, head, strategy, x, pre, tokens)
+    assert len(stats.kept) == len(kept) == 4
+    for mine, theirs in zip(stats.kept, kept, strict=True):
+        assert torch.equal(mine, theirs)
+    for step, row in enumerate(logits):
+        torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)
+    # the static half merged before layer 0, and a later stage pruned: fewer tokens, layer average at the budget
+    counts = stats.visual_per_layer
+    assert counts[0] < pre.n and counts[-1] < counts[0]
+    assert abs(sum(counts) / (4 * pre.n) - 0.5) <= 0.02
+
+
+def test_mid_layer_merge_caches_the_unmerged_layer_and_ratio_one_is_none(llm):
+    from prune.strategies.framefusion import FrameFusion
+    from prune.strategies.none import NoPruning
+
+    lm, head = llm
+    x, vis, pre = _ff_prompt(lm)
+    outs = []
+    for strategy in (NoPruning(), FrameFusion(ratio=1.0, num_layers=4)):
+        pruned = PrunedLM(lm, head, strategy)
+        try:
+            outs.append(pruned.generate(x, vis, pre, max_new_tokens=4, return_logits=True))
+        finally:
+            pruned.remove()
+    (base, _, base_logits), (toks, stats, logits) = outs
+    assert toks == base and stats.visual_per_layer == [pre.n] * 4
+    for a, b in zip(logits, base_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    pruned = PrunedLM(lm, head, FrameFusion(ratio=0.5, num_layers=4))
+    try:
+        _, stats, _ = pruned.generate(x, vis, pre, max_new_tokens=1)
+    finally:
+        pruned.remove()
+    # a mid-layer stage in layer l leaves layer l's cache whole: each layer caches what entered it
+    assert stats.kv_len_per_layer == [PREFIX + c + SUFFIX for c in stats.visual_per_layer]
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_mid_layer_merge_equals_merging_between_attention_and_mlp_by_hand(llm, layer):
+    lm, head = llm
+    x, vis, pre = _ff_prompt(lm)
+    keep = tuple(range(0, pre.n, 3))
+    into, weights = _mean_merge(keep, pre.n)
+    strategy = FixedMerge(keep, into, weights, layer=layer, mid_layer=True)
+    pruned = PrunedLM(lm, head, strategy)
+    try:
+        tokens, stats, logits = pruned.generate(x, vis, pre, max_new_tokens=4, return_logits=True)
+    finally:
+        pruned.remove()
+    kept, ref = _dense_stages(lm, head, strategy, x, pre, tokens)
+    assert torch.equal(stats.kept[0], kept[0]) and stats.visual_per_layer[layer + 1] == len(keep)
+    assert stats.kv_len_per_layer[layer] == x.shape[1]  # its attention ran before the merge
+    for step, row in enumerate(logits):
+        torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)

@@ -41,6 +41,7 @@ TINY_OVERRIDES = {
     "prunevid": {"layer": 1},
     "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
     "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
+    "framefusion": {"num_layers": 4},
 }
 
 # Tiny original checkpoint: 2 CLIP layers (width 32), 2 Llama layers (width 64, 4 heads), LoRA rank 8 on q/v.
@@ -439,7 +440,10 @@ def test_every_strategy_runs_on_pllava(model, video, grid, name):
     pre, budget = simulate(strategy, _video_tokens(tokens), 4, _scores)
     assert out.visual_pre_llm == pre.n == budget.pre_llm
     # per-layer counts: what the LLM measured == what the strategy promises == a model-free simulation
-    assert tuple(out.llm.visual_per_layer) == strategy.layer_counts(out.pre, 4) == budget.per_layer
+    if name == "framefusion":  # counts follow hidden-state similarity: measured only; the layer average is its budget
+        assert abs(sum(out.llm.visual_per_layer) / (4 * pre.n) - strategy.ratio) <= 0.01 + 1 / pre.n
+    else:
+        assert tuple(out.llm.visual_per_layer) == strategy.layer_counts(out.pre, 4) == budget.per_layer
     assert out.llm.kv_len_per_layer[-1] == len(PREFIX) + out.llm.visual_per_layer[-1] + len(SUFFIX)
     assert set(out.timings) == {"vision", "pre_llm", "prefill", "decode"}
     if name == "none":
