@@ -41,8 +41,8 @@ def test_every_model_x_prune_composes_and_the_strategy_fits_the_llm(model, prune
     strategy = make_strategy(cfg)
     layers = cfg.model.llm_layers
     for spec in strategy.layer_specs:  # the specialisation group keeps every scoring layer inside the LLM
-        assert 0 <= spec.layer and 1 <= spec.first_layer <= layers - 1, (model, prune, spec.layer)
-    if prune in ("hieravid", "pdrop"):
+        assert 0 <= spec.layer and (0 if spec.own_layer else 1) <= spec.first_layer <= layers - 1, (model, prune)
+    if prune in ("hieravid", "pdrop", "framefusion"):
         assert strategy.num_layers == layers
 
 
