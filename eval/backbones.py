@@ -19,7 +19,7 @@ import os
 import pkgutil
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,13 +156,23 @@ class Backbone:
         ids, inputs = self.prompt(self, context)
         return Prepared(ids, pixels, inputs, frames, total, {"video_decode": t1 - t0, "preprocess": t2 - t1})
 
-    def answer(self, video: str, context: str, gen_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    def answer(
+        self,
+        video: str,
+        context: str,
+        gen_kwargs: Mapping[str, Any],
+        evidence: Sequence[int] | None = None,
+        evidence_grid: int | None = None,
+    ) -> tuple[str, dict[str, Any]]:
         """Answer ``context`` about ``video`` greedily.
 
         Args:
             video: path of the video (or frame folder).
             context: the task's prompt text.
             gen_kwargs: lmms-eval generation kwargs; ``max_new_tokens`` (default 16) and ``until`` are used.
+            evidence: input visual-token indices (``[T*h*w]`` time-then-raster) the answer depends on (known-answer
+                probe documents, :func:`eval.probe.evidence_tokens`); adds ``evidence_retention`` to the stats.
+            evidence_grid: the side of the token grid ``evidence`` was computed for; must be the adapter's.
 
         Returns:
             The answer text and the per-sample stats.
@@ -213,6 +223,21 @@ class Backbone:
             "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        if evidence is not None:
+            from eval.probe import evidence_retention
+
+            grid = getattr(self.adapter, "grid", None)
+            if evidence_grid is not None and grid is not None and tuple(grid) != (evidence_grid, evidence_grid):
+                raise ValueError(
+                    f"the probe's evidence is on a {evidence_grid}x{evidence_grid} grid, this backbone pools to "
+                    f"{grid[0]}x{grid[1]}; generate the set with benchmark.grid={grid[0]}"
+                )
+            if evidence and max(evidence) >= gen.visual_in:
+                raise ValueError(
+                    f"evidence token {max(evidence)} is outside this backbone's {gen.visual_in} visual tokens: the "
+                    "probe set was generated for another frame count or grid (benchmark.num_frames / benchmark.grid)"
+                )
+            stats["evidence_retention"] = evidence_retention(evidence, gen.pre.assignment, gen.llm.kept)
         return text, stats
 
 

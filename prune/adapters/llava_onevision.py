@@ -34,6 +34,7 @@ Shape legend: ``T`` frames, ``h x w`` pooled grid, ``D`` LLM hidden size, ``S`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ __all__ = [
     "Generation",
     "LlavaOnevisionAdapter",
     "VideoLayout",
+    "answer_logits",
     "load_llava_onevision",
     "tiny_llava_onevision",
 ]
@@ -228,14 +230,58 @@ class LlavaOnevisionAdapter:
         return Generation(tokens, t * h * w, pre.n, separators, stats, timings, logits, pre)
 
 
+def answer_logits(model, pixels: Tensor, prompts: Sequence[Sequence[int]]) -> Tensor:
+    """Batched, differentiable ``none`` forward: logits of the token after each prompt (for training the probe).
+
+    The same computation as :class:`LlavaOnevisionAdapter` with ``prune=none`` (the
+    ``onevision`` layout: vision tower, projector, bilinear pooling, one newline after the video, spliced at the
+    ``<video>`` id, positions ``0..S-1``), batched for training; a test checks the two agree. Prompts are
+    right-padded: causal attention keeps padding out of every real position.
+
+    Args:
+        model: a ``LlavaOnevisionForConditionalGeneration`` (the probe model, ``eval/probe.py``).
+        pixels: ``[B, T, 3, 384, 384]`` preprocessed frames.
+        prompts: ``B`` id lists, each with one ``<video>`` id.
+
+    Returns:
+        ``[B, V]`` logits at each prompt's last position.
+    """
+    cfg, m = model.config, model.model
+    b, t = pixels.shape[:2]
+    out = m.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    feats = m.apply_pooling(m.multi_modal_projector(feats))  # [B*T, 196, D]
+    visual = torch.cat([feats.reshape(b, -1, feats.shape[-1]), m.image_newline.expand(b, 1, -1)], dim=1)
+    embed = model.get_input_embeddings()
+    rows, last = [], []
+    for i, ids in enumerate(prompts):
+        at = list(ids).index(cfg.video_token_id)
+        ids_t = torch.tensor(ids, device=pixels.device)
+        rows.append(torch.cat([embed(ids_t[:at]), visual[i], embed(ids_t[at + 1 :])]))
+        last.append(rows[-1].shape[0] - 1)
+    length = max(r.shape[0] for r in rows)
+    embeds = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
+    positions = torch.arange(length, device=pixels.device).expand(b, -1)
+    hidden = m.language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+    return model.lm_head(hidden[torch.arange(b), torch.tensor(last)])
+
+
 # -- building and loading -------------------------------------------------------------------------------------------
 
 
-def tiny_config(vocab_size: int = 151_936, llm_layers: int = 4):
+def tiny_config(
+    vocab_size: int = 151_936,
+    llm_layers: int = 4,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    video_token_id: int = VIDEO_TOKEN_ID,
+):
     """A randomly initialisable LLaVA-OneVision config with the real geometry and tiny widths.
 
     SigLIP at 384 px with 14 px patches (27x27 patches → 14x14 or 13x13 after pooling), a Qwen2 with GQA (4 query /
-    2 key-value heads), the real ``<image>``/``<video>`` ids and the real vocabulary size, so real Qwen chat ids work.
+    2 key-value heads), by default the real ``<image>``/``<video>`` ids and the real vocabulary size, so real Qwen
+    chat ids work. The trained probe model (``eval/probe.py``) passes its small word vocabulary and its ids.
     """
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
@@ -262,18 +308,21 @@ def tiny_config(vocab_size: int = 151_936, llm_layers: int = 4):
     return LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=IMAGE_TOKEN_ID,
-        video_token_index=VIDEO_TOKEN_ID,
+        image_token_index=image_token_id,
+        video_token_index=video_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
 
 
-def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", llm_layers: int = 4):
-    """Build the tiny model from config with random weights from ``seed`` (the global RNG is left as it was)."""
+def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", llm_layers: int = 4, **config):
+    """Build the tiny model from config with random weights from ``seed`` (the global RNG is left as it was).
+
+    ``config`` goes to :func:`tiny_config` (the probe model passes its vocabulary size and token ids).
+    """
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    cfg = tiny_config(llm_layers=llm_layers)
+    cfg = tiny_config(llm_layers=llm_layers, **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaOnevisionForConditionalGeneration(cfg)
