@@ -234,8 +234,9 @@ def generate(
 
 # -- the probe model's tokenizer ------------------------------------------------------------------------------------
 
-# Every word of the Qwen chat template (eval.families.llava_onevision.QWEN_SYSTEM/QWEN_ASSISTANT) and of the questions, fixed here
-# because the committed checkpoint's embedding rows are indexed by it (a test checks that no prompt hits <unk>).
+# Every word of the Qwen chat template (eval.families.llava_onevision.QWEN_SYSTEM/QWEN_ASSISTANT) and of the
+# questions, fixed here because the committed checkpoint's embedding rows are indexed by it (a test checks that no
+# prompt hits <unk>).
 PROBE_VOCAB = (
     "<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "\n", ".", "?", "'", ",",
     *LETTERS, *COLOURS, *COUNT_WORDS, *DIRECTIONS,

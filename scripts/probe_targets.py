@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(p.read_text()) for p in args.records]
     lines += ["| " + " | ".join(row(r)) + " |" for r in records]
     lines += ["", "Chance per family: " + ", ".join(f"{f} {100 * CHANCE[f]:g} %" for f in FAMILIES) + "."]
-    lines += ["", "Records: " + ", ".join(f"`{p}` (git {(r.get('git_sha') or '?')[:10]})" for p, r in zip(args.records, records, strict=True))]
+    named = [f"`{p}` (git {(r.get('git_sha') or '?')[:10]})" for p, r in zip(args.records, records, strict=True)]
+    lines += ["", "Records: " + ", ".join(named)]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0

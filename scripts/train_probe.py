@@ -118,7 +118,46 @@ def train(args: argparse.Namespace) -> Path:
     (out / "vocab.json").write_text(json.dumps(list(PROBE_VOCAB)) + "\n")  # the loader checks it is eval.probe's
     digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     (out / "SHA256").write_text(f"{digest}  model.safetensors\n")
+    plot_curve(out / "curve.jsonl", out / "curve.png")
     print(f"wrote {out} (sha256 {digest}, {time.time() - start:.0f}s)")
+    return out
+
+
+def plot_curve(curve: Path, out: Path) -> Path:
+    """The training curve (letter loss and batch accuracy per step, 10-step means; phases shaded) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in curve.read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+
+    def smooth(key: str) -> list[float]:
+        return [
+            sum(r[key] for r in rows[max(0, i - 9) : i + 1]) / len(rows[max(0, i - 9) : i + 1])
+            for i in range(len(rows))
+        ]
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100, layout="constrained")
+    ax1.plot(steps, [r["loss"] for r in rows], color="tab:blue", alpha=0.25, linewidth=0.8)
+    ax1.plot(steps, smooth("loss"), color="tab:blue", label="letter loss (10-step mean)")
+    ax1.axhline(math.log(4), color="black", linestyle="--", linewidth=1, label="answer prior ln 4")
+    ax2.plot(steps, smooth("acc"), color="tab:green", label="batch accuracy (10-step mean)")
+    ax2.axhline(0.25, color="black", linestyle="--", linewidth=1, label="chance")
+    for ax in (ax1, ax2):
+        start = 0
+        for frames in dict.fromkeys(r["frames"] for r in rows):
+            end = max(r["step"] for r in rows if r["frames"] == frames)
+            ax.axvspan(start, end, alpha=0.06 * (frames.bit_length()), color="grey", linewidth=0)
+            ax.text((start + end) / 2, ax.get_ylim()[1] if ax is ax2 else 3.5, f"{frames} fr", ha="center", fontsize=8)
+            start = end
+        ax.set_xlabel("step (batch of 8)")
+        ax.legend(fontsize=7)
+    ax1.set_ylim(0, 4.5)
+    ax2.set_ylim(0, 1.05)
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
     return out
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from eval.families.llava_onevision import QWEN_ASSISTANT, QWEN_SYSTEM
 from eval.benchmarks import parse_ok, sample_score, task_benchmark, task_metric
+from eval.families.llava_onevision import QWEN_ASSISTANT, QWEN_SYSTEM
 from eval.probe import (
     BACKGROUND,
     CHANCE,
