@@ -214,6 +214,12 @@ class Backbone:
             "scoring": [list(s) for s in gen.llm.scoring],
             "kv_len_per_layer": gen.llm.kv_len_per_layer,
             "kv_bytes": gen.llm.kv_bytes,
+            "kv_bytes_end": gen.llm.kv_bytes_end,
+            "decode_keys": gen.llm.decode_keys,
+            "decode_scoring": gen.llm.decode_scoring,
+            "decode_visual": gen.llm.decode_visual,
+            "vision_flops": gen.vision_flops,
+            "pre_llm_flops": float(gen.pre.flops) if gen.pre is not None else 0.0,
             "new_tokens": gen.llm.new_tokens,
             "timings_s": timings,
             "ttft_s": ttft,
@@ -322,9 +328,17 @@ def flops_of(stats: Mapping[str, Any], shape: LLMShape) -> dict[str, float]:
     Returns:
         ``prefill``/``prefill_full``: the papers' convention (FastV) as run and unpruned, for ``flops_ratio``;
         ``prefill_exact``/``prefill_exact_full``: executed FLOPs (GQA, SwiGLU, LM head) as run and unpruned, the run
-        including the scoring rows of the in-LLM stages (``scoring``); ``decode_exact``: the decode steps as run.
+        including the scoring rows of the in-LLM stages (``scoring``); ``decode_exact``: the decode steps as run
+        (with a decode-time stage, from the keys every layer attended at every step, plus its scoring rows);
+        ``pre_llm``: the method's work outside the LLM (vision-side inputs and the strategy's own pre-LLM FLOPs).
     """
-    from prune.flops import exact_decode_flops, exact_prefill_flops, prefill_flops, tokens_per_layer
+    from prune.flops import (
+        exact_decode_flops,
+        exact_decode_flops_from_keys,
+        exact_prefill_flops,
+        prefill_flops,
+        tokens_per_layer,
+    )
 
     per_layer = stats.get("tokens_per_layer") or tokens_per_layer(
         stats["visual_per_layer"], stats["text_tokens"] + stats["separators"]
@@ -339,5 +353,10 @@ def flops_of(stats: Mapping[str, Any], shape: LLMShape) -> dict[str, float]:
         "prefill_exact": prefill_exact,
         "prefill_exact_full": exact_prefill_flops(full, shape),
         "scoring": prefill_exact - exact_prefill_flops(per_layer, shape),
-        "decode_exact": exact_decode_flops(stats["kv_len_per_layer"], shape, stats["new_tokens"]),
+        "decode_exact": (
+            exact_decode_flops_from_keys(stats["decode_keys"], shape, stats.get("decode_scoring", ()))
+            if stats.get("decode_keys")
+            else exact_decode_flops(stats["kv_len_per_layer"], shape, stats["new_tokens"])
+        ),
+        "pre_llm": float(stats.get("vision_flops", 0.0)) + float(stats.get("pre_llm_flops", 0.0)),
     }

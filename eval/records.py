@@ -208,6 +208,8 @@ def build_record(
         "flops_ratio_exact": total("prefill_exact") / total("prefill_exact_full") if flops else None,
         "scoring_gflops": 1000 * mean_t("scoring") if flops else None,
         "decode_exact_tflops": mean_t("decode_exact"),
+        # the method's work outside the LLM: vision-side inputs (VisionZip, FastVID) and its own pre-LLM FLOPs
+        "pre_llm_gflops": 1000 * total("pre_llm") / len(flops) / 1e12 if flops and "pre_llm" in flops[0] else None,
         "ttft_ms_median": _median(ttft_ms),
         "ttft_ms_p90": percentile(ttft_ms, 90),
         "stage_ms_median": stage_ms,

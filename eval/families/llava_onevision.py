@@ -140,8 +140,31 @@ def _tokenizer(cfg: Mapping[str, Any]) -> Any:
     return (_ov_probe_tokenizer if cfg["loader"] == "probe" else _ov_tokenizer)(cfg)
 
 
+def _ov_pooling_head(model, strategy: Strategy, cfg: Mapping[str, Any]):
+    """SigLIP's pooling head for strategies that need it (FastVID), else ``None``.
+
+    Seeded random on the tiny model; otherwise restored from the SigLIP checkpoint ``model.siglip_checkpoint``
+    (default google/siglip-so400m-patch14-384), as FastVID does.
+    """
+    from prune.adapters.vision import SIGLIP_REPO, load_siglip_pooling_head, siglip_pooling_head
+    from prune.api import vision_inputs
+
+    if not vision_inputs(strategy) & {"frame_global", "frame_head_attn"}:
+        return None
+    vision = model.config.vision_config
+    param = next(model.parameters())
+    if cfg["loader"] == "tiny":
+        head = siglip_pooling_head(vision, seed=int(cfg.get("seed", 0)))
+        return head.to(device=param.device, dtype=param.dtype)
+    try:
+        return load_siglip_pooling_head(cfg.get("siglip_checkpoint") or SIGLIP_REPO, vision, param.dtype, param.device)
+    except FileNotFoundError as err:
+        raise BackboneUnavailable(str(err)) from err
+
+
 def _ov_adapter(model, strategy: Strategy, cfg: Mapping[str, Any]) -> VideoAdapter:
-    return LlavaOnevisionAdapter(model, strategy, cfg["layout"], num_frames=int(cfg["num_frames"]))
+    head = _ov_pooling_head(model, strategy, cfg)
+    return LlavaOnevisionAdapter(model, strategy, cfg["layout"], num_frames=int(cfg["num_frames"]), pooling_head=head)
 
 
 FAMILY = Family(
