@@ -356,3 +356,14 @@ def test_decode_stage_with_in_llm_pruning_tracks_the_pruned_cache(ov, video):
     calls = []
     _gen(ov, Both(None, calls=calls), video, n=3)
     assert torch.equal(calls[0].visual, torch.arange(0, T * 196, 2))
+
+
+def test_decode_gather_under_eager_agrees_with_sdpa(ov, video):
+    """Eager builds one 4-D decode mask for all layers; the gathered layers slice it to their keys."""
+    keep = tuple(range(0, T * 196, 3))
+    eager = tiny_llava_onevision(seed=0, attn_implementation="eager")
+    a = _gen(ov, DecodeKeep(keep), video, n=4)
+    b = _gen(eager, DecodeKeep(keep), video, n=4)
+    assert a.tokens == b.tokens
+    for x, y in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
