@@ -367,3 +367,24 @@ def test_decode_gather_under_eager_agrees_with_sdpa(ov, video):
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "vidcom2", "fastvid", "dycoke"])
+@pytest.mark.parametrize("layout", ["onevision", "video"])
+def test_ratio_one_reproduces_none(ov, video, name, layout):
+    """The acceptance rule ratio=1.0 == none, end to end (pre-LLM, positions, decode-time stage)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"ratio": 1.0, "prune": OmegaConf.load(f"configs/prune/{name}.yaml")})
+    head = siglip_pooling_head(ov.config.vision_config)
+    outs = []
+    for strategy in (instantiate(cfg.prune), NoPruning()):
+        adapter = LlavaOnevisionAdapter(ov, strategy, layout, num_frames=T, pooling_head=head)
+        try:
+            outs.append(adapter.generate(_ids(), video, max_new_tokens=4, return_logits=True))
+        finally:
+            adapter.llm.remove()
+    assert outs[0].tokens == outs[1].tokens
+    for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
+        torch.testing.assert_close(a, b)
