@@ -143,8 +143,9 @@ def _tokenizer(cfg: Mapping[str, Any]) -> Any:
 def _ov_pooling_head(model, strategy: Strategy, cfg: Mapping[str, Any]):
     """SigLIP's pooling head for strategies that need it (FastVID), else ``None``.
 
-    Seeded random on the tiny model; otherwise restored from the SigLIP checkpoint ``model.siglip_checkpoint``
-    (default google/siglip-so400m-patch14-384), as FastVID does.
+    Seeded random on the tiny and probe models (their towers are not SigLIP so400m, so no checkpoint head fits);
+    otherwise restored from the SigLIP checkpoint ``model.siglip_checkpoint`` (default
+    google/siglip-so400m-patch14-384), as FastVID does.
     """
     from prune.adapters.vision import SIGLIP_REPO, load_siglip_pooling_head, siglip_pooling_head
     from prune.api import vision_inputs
@@ -153,7 +154,7 @@ def _ov_pooling_head(model, strategy: Strategy, cfg: Mapping[str, Any]):
         return None
     vision = model.config.vision_config
     param = next(model.parameters())
-    if cfg["loader"] == "tiny":
+    if cfg["loader"] in ("tiny", "probe"):
         head = siglip_pooling_head(vision, seed=int(cfg.get("seed", 0)))
         return head.to(device=param.device, dtype=param.dtype)
     try:
