@@ -19,7 +19,7 @@ import os
 import pkgutil
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,13 +156,23 @@ class Backbone:
         ids, inputs = self.prompt(self, context)
         return Prepared(ids, pixels, inputs, frames, total, {"video_decode": t1 - t0, "preprocess": t2 - t1})
 
-    def answer(self, video: str, context: str, gen_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    def answer(
+        self,
+        video: str,
+        context: str,
+        gen_kwargs: Mapping[str, Any],
+        evidence: Sequence[int] | None = None,
+        evidence_grid: int | None = None,
+    ) -> tuple[str, dict[str, Any]]:
         """Answer ``context`` about ``video`` greedily.
 
         Args:
             video: path of the video (or frame folder).
             context: the task's prompt text.
             gen_kwargs: lmms-eval generation kwargs; ``max_new_tokens`` (default 16) and ``until`` are used.
+            evidence: input visual-token indices (``[T*h*w]`` time-then-raster) the answer depends on (known-answer
+                probe documents, :func:`eval.probe.evidence_tokens`); adds ``evidence_retention`` to the stats.
+            evidence_grid: the side of the token grid ``evidence`` was computed for; must be the adapter's.
 
         Returns:
             The answer text and the per-sample stats.
@@ -204,6 +214,12 @@ class Backbone:
             "scoring": [list(s) for s in gen.llm.scoring],
             "kv_len_per_layer": gen.llm.kv_len_per_layer,
             "kv_bytes": gen.llm.kv_bytes,
+            "kv_bytes_end": gen.llm.kv_bytes_end,
+            "decode_keys": gen.llm.decode_keys,
+            "decode_scoring": gen.llm.decode_scoring,
+            "decode_visual": gen.llm.decode_visual,
+            "vision_flops": gen.vision_flops,
+            "pre_llm_flops": float(gen.pre.flops) if gen.pre is not None else 0.0,
             "new_tokens": gen.llm.new_tokens,
             "timings_s": timings,
             "ttft_s": ttft,
@@ -213,6 +229,21 @@ class Backbone:
             "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        if evidence is not None:
+            from eval.probe import evidence_retention
+
+            grid = getattr(self.adapter, "grid", None)
+            if evidence_grid is not None and grid is not None and tuple(grid) != (evidence_grid, evidence_grid):
+                raise ValueError(
+                    f"the probe's evidence is on a {evidence_grid}x{evidence_grid} grid, this backbone pools to "
+                    f"{grid[0]}x{grid[1]}; generate the set with benchmark.grid={grid[0]}"
+                )
+            if evidence and max(evidence) >= gen.visual_in:
+                raise ValueError(
+                    f"evidence token {max(evidence)} is outside this backbone's {gen.visual_in} visual tokens: the "
+                    "probe set was generated for another frame count or grid (benchmark.num_frames / benchmark.grid)"
+                )
+            stats["evidence_retention"] = evidence_retention(evidence, gen.pre.assignment, gen.llm.kept)
         return text, stats
 
 
@@ -297,9 +328,17 @@ def flops_of(stats: Mapping[str, Any], shape: LLMShape) -> dict[str, float]:
     Returns:
         ``prefill``/``prefill_full``: the papers' convention (FastV) as run and unpruned, for ``flops_ratio``;
         ``prefill_exact``/``prefill_exact_full``: executed FLOPs (GQA, SwiGLU, LM head) as run and unpruned, the run
-        including the scoring rows of the in-LLM stages (``scoring``); ``decode_exact``: the decode steps as run.
+        including the scoring rows of the in-LLM stages (``scoring``); ``decode_exact``: the decode steps as run
+        (with a decode-time stage, from the keys every layer attended at every step, plus its scoring rows);
+        ``pre_llm``: the method's work outside the LLM (vision-side inputs and the strategy's own pre-LLM FLOPs).
     """
-    from prune.flops import exact_decode_flops, exact_prefill_flops, prefill_flops, tokens_per_layer
+    from prune.flops import (
+        exact_decode_flops,
+        exact_decode_flops_from_keys,
+        exact_prefill_flops,
+        prefill_flops,
+        tokens_per_layer,
+    )
 
     per_layer = stats.get("tokens_per_layer") or tokens_per_layer(
         stats["visual_per_layer"], stats["text_tokens"] + stats["separators"]
@@ -314,5 +353,10 @@ def flops_of(stats: Mapping[str, Any], shape: LLMShape) -> dict[str, float]:
         "prefill_exact": prefill_exact,
         "prefill_exact_full": exact_prefill_flops(full, shape),
         "scoring": prefill_exact - exact_prefill_flops(per_layer, shape),
-        "decode_exact": exact_decode_flops(stats["kv_len_per_layer"], shape, stats["new_tokens"]),
+        "decode_exact": (
+            exact_decode_flops_from_keys(stats["decode_keys"], shape, stats.get("decode_scoring", ()))
+            if stats.get("decode_keys")
+            else exact_decode_flops(stats["kv_len_per_layer"], shape, stats["new_tokens"])
+        ),
+        "pre_llm": float(stats.get("vision_flops", 0.0)) + float(stats.get("pre_llm_flops", 0.0)),
     }

@@ -212,7 +212,8 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
 
     Columns: ``model``, ``prune``, ``ratio``, ``retained_pct`` (layer-averaged visual tokens), ``flops_ratio``, per
     benchmark ``<b>`` (accuracy), ``<b>_delta``, ``<b>_ci_low``/``<b>_ci_high`` (paired bootstrap of Δ vs none, 95 %),
-    ``<b>_published`` and ``<b>_vs_published``, then ``ttft_speedup`` (median over benchmarks), ``peak_memory_gib``
+    ``<b>_published`` and ``<b>_vs_published``, ``<b>_evidence_final_pct`` (known-answer probe: evidence tokens reaching
+    the last layer, else empty), then ``ttft_speedup`` (median over benchmarks), ``peak_memory_gib``
     (largest) and ``records`` (the record files behind the row).
     """
     from eval.stats import compare_runs
@@ -236,6 +237,7 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
                     continue
                 records.append(str(cell.record(results_dir).relative_to(results_dir)))
                 row[bench] = rec["accuracy"]
+                row[f"{bench}_evidence_final_pct"] = rec.get("evidence_final_pct")  # probe only, else None
                 if published is not None and rec["accuracy"] is not None:
                     row[f"{bench}_vs_published"] = rec["accuracy"] - published
                 retained.append(rec.get("layer_avg_retained_pct"))
@@ -269,6 +271,7 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
     for bench in exp.benchmarks:
         columns += [bench, f"{bench}_delta", f"{bench}_ci_low", f"{bench}_ci_high"]
         columns += [f"{bench}_published", f"{bench}_vs_published", f"{bench}_ttft_speedup"]
+        columns += [f"{bench}_evidence_final_pct"]
     columns += ["ttft_speedup", "peak_memory_gib", "records"]
     return pd.DataFrame(rows).reindex(columns=columns), missing
 
@@ -379,6 +382,7 @@ def _plots(exp: Experiment, frame: pd.DataFrame, out: Path) -> list[Path]:
                 continue
             entry = {"model": row.model, "benchmark": bench, "prune": row.prune, "ratio": row.ratio, "accuracy": acc}
             entry["ttft_speedup"] = row.get(f"{bench}_ttft_speedup")
+            entry["evidence_final_pct"] = row.get(f"{bench}_evidence_final_pct")
             low = row.get(f"{bench}_ci_low")
             if row.prune != "none" and low is not None and not pd.isna(low):  # CI of Δ, shifted to accuracy units
                 base = acc - row[f"{bench}_delta"]

@@ -39,6 +39,16 @@ def manifests():
     return [ModelManifest(model_id="vidprune", simple_class_path="eval.lmms_model.VidPruneLMM")]
 
 
+def _evidence(doc: Any) -> dict[str, Any]:
+    """``Backbone.answer``'s evidence arguments for a probe document (``evidence`` cells on a ``grid``), else {}."""
+    if not isinstance(doc, dict) or "evidence" not in doc or "grid" not in doc:
+        return {}
+    from eval.probe import evidence_tokens
+
+    grid = int(doc["grid"])
+    return {"evidence": evidence_tokens(doc["evidence"], grid), "evidence_grid": grid}
+
+
 class VidPruneLMM(lmms):
     """lmms-eval simple model over a pruned backbone.
 
@@ -91,13 +101,14 @@ class VidPruneLMM(lmms):
         if self.max_new_tokens:
             gen_kwargs["max_new_tokens"] = self.max_new_tokens
         entry: dict[str, Any] = {"task": task, "doc_id": int(doc_id), "split": split}
-        visuals, error = guarded_doc_to_visual(doc_to_visual, self.task_dict[task][split][doc_id])
+        doc = self.task_dict[task][split][doc_id]
+        visuals, error = guarded_doc_to_visual(doc_to_visual, doc)
         if error is None and (not visuals or not isinstance(visuals[0], str)):
             error = f"expected one video path from doc_to_visual, got {visuals!r}"
         if error is None:
             entry["video"] = visuals[0]
             try:
-                text, stats = self.backbone.answer(visuals[0], context, gen_kwargs)
+                text, stats = self.backbone.answer(visuals[0], context, gen_kwargs, **_evidence(doc))
                 entry.update(prediction=text, failed=False, stats=stats)
             except Exception as err:  # recorded per sample; the run goes on
                 error = f"{type(err).__name__}: {err}"

@@ -4,7 +4,9 @@
 
 * ``<stem>_accuracy``: accuracy (%) against ``ratio``, with the ``none`` cell as a dashed horizontal reference line
   (and a marker at its own ratio, 1.0);
-* ``<stem>_ttft_speedup``: TTFT speed-up over ``none`` against ``ratio``, with the reference line at 1×.
+* ``<stem>_ttft_speedup``: TTFT speed-up over ``none`` against ``ratio``, with the reference line at 1×;
+* ``<stem>_evidence_final_pct`` (known-answer probe only, when the column has values): the fraction of the evidence
+  tokens that reach the last decoder layer, with ``none``'s 100 % as the reference line.
 
 Layout: one figure per metric, one subplot per (model, benchmark), rows = models, columns = benchmarks, sharing one
 legend. One file per metric rather than per benchmark keeps a sweep's picture in one place, and subplots of one
@@ -30,6 +32,8 @@ __all__ = ["METRICS", "REQUIRED_COLUMNS", "figure_size", "plot_sweep"]
 REQUIRED_COLUMNS = ("model", "benchmark", "prune", "ratio", "accuracy", "ttft_speedup")
 METRICS = {"accuracy": "accuracy (%)", "ttft_speedup": "TTFT speed-up over none (×)"}
 """Plotted columns and their axis labels; one figure each."""
+OPTIONAL_METRICS = {"evidence_final_pct": "evidence tokens reaching the last layer (%)"}
+"""Plotted too when the column has a value (known-answer probe records, eval/probe.py)."""
 X_LABELS = {
     "ratio": "retained ratio (each method's ratio knob)",
     "flops_ratio": "prefill FLOPs ratio",
@@ -96,6 +100,8 @@ def _panel(ax, cell: pd.DataFrame, metric: str, x: str, colours: dict[str, str],
     base = cell[cell.prune == "none"]
     if metric == "ttft_speedup":
         ref = 1.0  # none's speed-up over itself, whether or not the table filled it in
+    elif metric == "evidence_final_pct":
+        ref = 100.0  # none keeps every evidence token
     else:
         ref = float(base[metric].iloc[0]) if len(base) and pd.notna(base[metric].iloc[0]) else math.nan
     if not math.isnan(ref):
@@ -127,7 +133,8 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
             ``pre_llm_retained_pct`` or ``layer_avg_retained_pct``.
 
     Returns:
-        ``[<stem>_accuracy.png, .svg, <stem>_ttft_speedup.png, .svg]`` under ``out_dir``.
+        ``[<stem>_accuracy.png, .svg, <stem>_ttft_speedup.png, .svg]`` under ``out_dir``, then
+        ``<stem>_evidence_final_pct.png, .svg`` when ``df`` has that column with a value.
 
     Raises:
         ValueError: a missing column (named), only one of ``ci_low``/``ci_high``, or no rows.
@@ -142,7 +149,8 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
     width, height = figure_size(len(models), len(benchmarks), DPI, n_legend=len(methods))
     paths: list[Path] = []
     with plt.rc_context(RC):
-        for metric, label in METRICS.items():
+        present = {m: label for m, label in OPTIONAL_METRICS.items() if m in df.columns and df[m].notna().any()}
+        for metric, label in {**METRICS, **present}.items():
             fig, axes = plt.subplots(
                 len(models),
                 len(benchmarks),

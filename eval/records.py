@@ -22,7 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECORD_VERSION", "SampleLog", "build_record", "config_hash", "environment", "percentile"]
+__all__ = [
+    "RECORD_VERSION",
+    "SampleLog",
+    "build_record",
+    "config_hash",
+    "environment",
+    "evidence_summary",
+    "percentile",
+]
 
 RECORD_VERSION = 1
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +208,8 @@ def build_record(
         "flops_ratio_exact": total("prefill_exact") / total("prefill_exact_full") if flops else None,
         "scoring_gflops": 1000 * mean_t("scoring") if flops else None,
         "decode_exact_tflops": mean_t("decode_exact"),
+        # the method's work outside the LLM: vision-side inputs (VisionZip, FastVID) and its own pre-LLM FLOPs
+        "pre_llm_gflops": 1000 * total("pre_llm") / len(flops) / 1e12 if flops and "pre_llm" in flops[0] else None,
         "ttft_ms_median": _median(ttft_ms),
         "ttft_ms_p90": percentile(ttft_ms, 90),
         "stage_ms_median": stage_ms,
@@ -210,4 +220,30 @@ def build_record(
         "peak_memory_bytes": max(peaks) if peaks else (max(rss) if rss else None),
         "peak_memory_kind": "cuda_max_allocated" if peaks else "process_peak_rss",
         "llm_shape": dict(llm_shape) if isinstance(llm_shape, Mapping) else asdict(llm_shape),
+        **evidence_summary(ok),
+    }
+
+
+def evidence_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean evidence retention (probe samples, :func:`eval.probe.evidence_retention`) in percent.
+
+    ``evidence_by_stage_pct`` is ``[entering the LLM, after in-LLM stage 1, ...]``; ``evidence_final_pct`` its last
+    entry (what reaches the last decoder layer); ``evidence_final_by_task_pct`` the same per task. All None when no
+    sample carries evidence (benchmarks other than the probe).
+    """
+    rows = [(s["task"], s["stats"]["evidence_retention"]) for s in samples if "evidence_retention" in s["stats"]]
+    if not rows:
+        return {"evidence_pre_llm_pct": None, "evidence_final_pct": None, "evidence_by_stage_pct": None,
+                "evidence_final_by_task_pct": None}  # fmt: skip
+    stages = [[r["pre_llm"], *r["stages"]] for _, r in rows]
+    depth = min(len(x) for x in stages)
+    by_stage = [100 * statistics.mean(x[i] for x in stages) for i in range(depth)]
+    per_task: dict[str, list[float]] = {}
+    for (task, _), x in zip(rows, stages, strict=True):
+        per_task.setdefault(task, []).append(x[-1])
+    return {
+        "evidence_pre_llm_pct": by_stage[0],
+        "evidence_final_pct": 100 * statistics.mean(x[-1] for x in stages),
+        "evidence_by_stage_pct": by_stage,
+        "evidence_final_by_task_pct": {t: 100 * statistics.mean(v) for t, v in sorted(per_task.items())},
     }

@@ -53,6 +53,10 @@ def _prepare_tasks(cfg: DictConfig) -> tuple[list[str], str | None]:
     if not cfg.benchmark.data_dir:
         raise ValueError("benchmark.mode=offline needs benchmark.data_dir: the folder with annotations and videos")
     data_dir = (REPO / cfg.benchmark.data_dir).resolve()
+    if names == ["probe"]:
+        return _prepare_probe(cfg.benchmark, data_dir)
+    if "probe" in names:
+        raise ValueError("benchmark.benchmarks: the probe runs on its own (benchmark=probe), not mixed with others")
     if cfg.benchmark.get("build"):  # idempotent: writes only what is missing
         subprocess.run(
             [sys.executable, str(REPO / "scripts" / "make_tiny_bench.py"), "--out", str(data_dir)], check=True
@@ -66,17 +70,43 @@ def _prepare_tasks(cfg: DictConfig) -> tuple[list[str], str | None]:
     return tasks, str(include)
 
 
+def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
+    """Generate (or reuse) the probe set of ``benchmark.seed`` under ``data_dir/seed<seed>`` and its tasks."""
+    from eval.probe import write_probe
+
+    if not isinstance(bench.seed, int) or isinstance(bench.seed, bool):
+        raise ValueError(f"benchmark.seed must be an int (the probe generator's seed), got {bench.seed!r}")
+    folder = data_dir / f"seed{bench.seed}_t{bench.num_frames}_n{bench.per_family}"
+    if not bench.get("build") and not folder.is_dir():
+        raise FileNotFoundError(f"probe set {folder} does not exist; run with benchmark.build=true to generate it")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    include, tasks = write_probe(
+        folder,
+        seed=int(bench.seed),
+        per_family=int(bench.per_family),
+        families=list(bench.families),
+        num_frames=int(bench.num_frames),
+        size=int(bench.size),
+        grid=int(bench.grid),
+    )
+    return tasks, str(include)
+
+
 def _cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The settings that decide a sample's answer; their hash keys resume."""
     prune = OmegaConf.to_container(cfg.prune, resolve=True)
     if prune.get("_target_") == "prune.strategies.none.NoPruning":
         prune.pop("ratio", None)  # none ignores it: the paired baseline of every ratio is one cell, computed once
-    return {
+    cell = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "prune": prune,
         "seed": cfg.seed,
         "max_new_tokens": cfg.max_new_tokens,
     }
+    if list(cfg.benchmark.benchmarks) == ["probe"]:  # generated documents: the generator settings decide them
+        cell["probe"] = {k: cfg.benchmark[k] for k in ("seed", "num_frames", "size", "grid")}
+    return cell
 
 
 def run_cell(cfg: DictConfig, tasks: list[str], include_path: str | None, baseline: dict | None = None) -> dict:

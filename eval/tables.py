@@ -26,6 +26,8 @@ COLUMNS = [
     "visual_tokens_in",
     "pre_llm_retained_pct",
     "layer_avg_retained_pct",
+    "evidence_pre_llm_pct",
+    "evidence_final_pct",
     "prefill_tflops",
     "flops_ratio",
     "ttft_ms_median",

@@ -14,6 +14,19 @@ It has two stages:
   keep_indexs``; PruneVid stage 2), so positions may have gaps; ``LayerSpec.positions="renumber"`` numbers the
   shorter sequence contiguously instead (PyramidDrop). A merged token takes the position of its survivor.
 
+Three optional extensions, each used only by the strategies that declare it (module attributes read with
+:func:`vision_inputs` and :func:`decode_spec`, so strategies that do not use them need not define them):
+
+* **Vision-side inputs.** A strategy with ``vision_inputs = frozenset({...})`` (names from :data:`VISION_INPUTS`) gets
+  those :class:`VideoTokens` fields filled by the adapter from the backbone's own vision tower (what the tower saw,
+  which cannot be derived from the projected tokens). Adapters compute them only when asked.
+* **Positions.** A pre-LLM output with ``positions="original"`` asks the adapter to give every output token the
+  position its representative (:meth:`PreLLMOutput.sources`) had in the unpruned prompt, gaps included (FastVID);
+  the text after the video keeps its original positions too. The default ``"contiguous"`` renumbers.
+* **Decode-time stage.** A strategy with a ``decode_spec`` (:class:`DecodeSpec`) gets ``in_decode`` called at every
+  decode step with the new token's attention over the visual tokens in the cache, and chooses which visual entries
+  the later layers attend to in that step (DyCoke's dynamic KV-cache pruning), or evicts them for good.
+
 Shape legend: ``T`` frames, ``H x W`` patch grid of one frame, ``P = H * W`` tokens per frame, ``D`` hidden size,
 ``N = T * P`` visual tokens before pruning, ``n`` visual tokens after the pre-LLM stage, ``k`` tokens kept.
 """
@@ -29,6 +42,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "VISION_INPUTS",
+    "DecodeInput",
+    "DecodeSpec",
     "LayerInput",
     "LayerMerge",
     "LayerSpec",
@@ -39,10 +55,16 @@ __all__ = [
     "VideoTokens",
     "check_ratio",
     "check_video",
+    "decode_spec",
     "keep_count",
     "kept_indices",
+    "require_vision",
     "simulate",
+    "vision_inputs",
 ]
+
+VISION_INPUTS = ("frame_global", "frame_head_attn", "frame_patch_attn", "frame_patch_keys")
+"""Names of the optional vision-side fields of :class:`VideoTokens` a strategy may declare in ``vision_inputs``."""
 
 
 def check_ratio(ratio: float, name: str = "ratio") -> float:
@@ -103,16 +125,30 @@ def keep_count(ratio: float, n: int) -> int:
 class VideoTokens:
     """One video's visual tokens after the projector, before separators (e.g. newline tokens) are added.
 
+    The ``frame_*`` fields come from the vision tower, computed by the adapter only for strategies that declare them
+    in ``vision_inputs`` (each backbone's adapter documents its source, and what stands in where the tower lacks it).
+    Per-patch maps are pooled to the LLM grid exactly as the backbone pools its features.
+
     Attributes:
         tokens: ``[T, P, D]`` projected visual tokens in raster order within each frame.
         grid: ``(H, W)`` with ``H * W == P``.
         text: optional ``[M, D]`` embeddings of the prompt tokens, for query-conditioned pre-LLM methods.
+        frame_global: ``[T, G]`` a global descriptor per frame: the output of SigLIP's attention-pooling head
+            (FastVID's DySeg on LLaVA-OneVision).
+        frame_head_attn: ``[T, P]`` that pooling head's attention over the patches (FastVID's salient tokens).
+        frame_patch_attn: ``[T, P]`` attention each patch receives in the last vision layer the VLM uses, averaged
+            over heads and query rows (VisionZip's dominant tokens, HoliTom).
+        frame_patch_keys: ``[T, P, K]`` keys of that layer averaged over heads (VisionZip's merge metric).
     """
 
     tokens: Tensor
     grid: tuple[int, int]
 
     text: Tensor | None = None
+    frame_global: Tensor | None = None
+    frame_head_attn: Tensor | None = None
+    frame_patch_attn: Tensor | None = None
+    frame_patch_keys: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_video(self.tokens, "VideoTokens.tokens")
@@ -123,6 +159,48 @@ class VideoTokens:
             raise ValueError(f"grid {h}x{w}={h * w} does not match P={self.tokens.shape[1]} tokens per frame")
         if self.text is not None and (self.text.dim() != 2 or self.text.shape[1] != self.tokens.shape[2]):
             raise ValueError(f"text must be [M, D={self.tokens.shape[2]}], got {tuple(self.text.shape)}")
+        t, p = self.tokens.shape[:2]
+        expect = {"frame_global": 2, "frame_head_attn": 2, "frame_patch_attn": 2, "frame_patch_keys": 3}
+        for name, rank in expect.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            lead = (t,) if name == "frame_global" else (t, p)
+            if not isinstance(value, Tensor) or value.dim() != rank or tuple(value.shape[: len(lead)]) != lead:
+                want = {"frame_global": "[T, G]", "frame_patch_keys": "[T, P, K]"}.get(name, "[T, P]")
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be {want} with T={t}, P={p}, got {got}")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite floating point values")
+
+
+def vision_inputs(strategy: object) -> frozenset[str]:
+    """The vision-side :class:`VideoTokens` fields a strategy declares (``vision_inputs``; empty when undeclared).
+
+    Raises:
+        ValueError: a declared name is not one of :data:`VISION_INPUTS`.
+    """
+    names = frozenset(getattr(strategy, "vision_inputs", ()) or ())
+    unknown = sorted(names - set(VISION_INPUTS))
+    if unknown:
+        raise ValueError(
+            f"{getattr(strategy, 'name', strategy)!r} declares unknown vision_inputs {unknown}; known: {VISION_INPUTS}"
+        )
+    return names
+
+
+def require_vision(video: VideoTokens, names: frozenset[str] | tuple[str, ...], method: str) -> None:
+    """Fail with one line when a strategy's declared vision-side fields are missing from ``video``.
+
+    Raises:
+        ValueError: naming the missing fields and how they are filled.
+    """
+    missing = [n for n in VISION_INPUTS if n in names and getattr(video, n) is None]
+    if missing:
+        raise ValueError(
+            f"{method} needs VideoTokens.{', '.join(missing)} from the vision tower; the backbone adapter fills them "
+            "for strategies that declare vision_inputs (build VideoTokens with them when calling pre_llm directly)"
+        )
 
 
 @dataclass(frozen=True)
@@ -157,22 +235,38 @@ class PreLLMOutput:
             per group (PruneVid: per segment the static group, then one dynamic group per frame). ``()`` means
             the strategy does not use groups.
         solved: the knobs a budget solver chose for this sample (``budget=`` runs); ``None`` otherwise.
+        positions: ``"contiguous"`` (the adapter renumbers the shorter sequence) or ``"original"`` (each output token
+            keeps the position of its representative, :meth:`sources`, in the unpruned prompt; FastVID).
+        flops: FLOPs of the strategy's own pre-LLM work (similarity matrices, distances), counted in the records'
+            pre-LLM FLOPs; 0 where a strategy does not count it.
+        origin: ``[n]`` long, the input token (flattened ``t * P + p``) whose place each output token takes: its
+            position with ``positions="original"`` and its frame for separators. ``None``: :meth:`sources`. Set it
+            where a merged token sits at a member other than its smallest (FastVID's anchors).
     """
 
     tokens: Tensor
     assignment: Tensor
     groups: tuple[int, ...] = ()
     solved: Solved | None = None
+    positions: Literal["contiguous", "original"] = "contiguous"
+    flops: float = 0.0
+    origin: Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.tokens.dim() == 2, f"tokens must be [n, D], got {tuple(self.tokens.shape)}"
         assert self.assignment.dim() == 1 and self.assignment.dtype == torch.long
         assert not self.groups or sum(self.groups) == self.tokens.shape[0], (self.groups, self.tokens.shape)
+        assert self.positions in ("contiguous", "original"), self.positions
+        assert self.origin is None or self.origin.shape == (self.tokens.shape[0],), "origin must be [n]"
 
     @property
     def n(self) -> int:
         """Number of visual tokens entering the LLM."""
         return int(self.tokens.shape[0])
+
+    def origins(self) -> Tensor:
+        """``[n]`` long: the input token whose place each output token takes (``origin``, else :meth:`sources`)."""
+        return self.origin if self.origin is not None else self.sources()
 
     def sources(self) -> Tensor:
         """``[n]`` long: the smallest input index merged into each output token (its representative)."""
@@ -315,6 +409,55 @@ class LayerMerge:
 def kept_indices(result: Tensor | LayerMerge) -> Tensor:
     """The survivors of an ``in_llm`` result: the indices themselves, or ``LayerMerge.keep``."""
     return result.keep if isinstance(result, LayerMerge) else result
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Where a decode-time stage scores the cache (optional ``Strategy.decode_spec``).
+
+    At every decode step the adapter computes the new token's attention at decoder layer ``layer`` over every cached
+    key (softmax over all of them), reduces over heads and slices the visual entries; ``Strategy.in_decode`` then
+    chooses which visual entries layers ``layer + 1 ..`` attend to. Text and separators are always attended.
+
+    Attributes:
+        layer: 0-based decoder layer whose attention scores the cache (DyCoke: ``L - 1`` for pruning from ``L``).
+        head_reduce: reduction over heads (KV heads repeated first under GQA).
+        evict: ``False``: the choice holds for this step only and the cache keeps every entry (DyCoke's gather over a
+            full cache); ``True``: the unchosen visual entries are removed from the caches of layers ``> layer`` for
+            good (KV bytes shrink).
+    """
+
+    layer: int
+    head_reduce: Literal["mean", "max"] = "mean"
+    evict: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    """What ``Strategy.in_decode`` receives at one decode step.
+
+    Attributes:
+        step: 1-based decode step (step 1 produces the second generated token; the first comes from the prefill).
+        scores: ``[n_vis]`` attention of the new token over the visual entries in the cache of ``DecodeSpec.layer``.
+        visual: ``[n_vis]`` long, index into ``pre.tokens`` of each of those entries (sorted).
+        previous: ``[n_vis]`` the previous step's ``scores`` over the same entries, ``None`` at step 1 or when the set
+            of entries changed (eviction).
+        pre: the pre-LLM output of this sample.
+    """
+
+    step: int
+    scores: Tensor
+    visual: Tensor
+    previous: Tensor | None
+    pre: PreLLMOutput
+
+
+def decode_spec(strategy: object) -> DecodeSpec | None:
+    """The strategy's decode-time stage, or ``None`` (``decode_spec`` is optional on a :class:`Strategy`)."""
+    spec = getattr(strategy, "decode_spec", None)
+    if spec is not None and not isinstance(spec, DecodeSpec):
+        raise ValueError(f"{getattr(strategy, 'name', strategy)!r}.decode_spec must be a DecodeSpec, got {spec!r}")
+    return spec
 
 
 @runtime_checkable

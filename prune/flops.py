@@ -31,6 +31,7 @@ __all__ = [
     "SHAPES",
     "decode_flops",
     "exact_decode_flops",
+    "exact_decode_flops_from_keys",
     "exact_layer_flops",
     "exact_prefill_flops",
     "flops_ratio",
@@ -180,3 +181,20 @@ def exact_decode_flops(kv_per_layer: Sequence[int], shape: LLMShape, new_tokens:
     for i in range(1, steps + 1):
         total += sum(exact_layer_flops(1, shape, keys=int(c) + i) for c in kv_per_layer)
     return total + 2.0 * steps * shape.hidden * shape.vocab
+
+
+def exact_decode_flops_from_keys(
+    keys_per_step: Sequence[Sequence[int]], shape: LLMShape, scoring_keys: Sequence[int] = ()
+) -> float:
+    """Executed FLOPs of decode steps whose layers attended a known number of keys (a decode-time stage).
+
+    Args:
+        keys_per_step: per decode step, the keys each layer attended (DyCoke's pruned layers attend fewer).
+        shape: the LLM.
+        scoring_keys: per decode step, the keys of the one extra scoring row (``QK^T`` of one query in every head).
+    """
+    total = 0.0
+    for keys in keys_per_step:
+        total += sum(exact_layer_flops(1, shape, keys=int(k)) for k in keys) + 2.0 * shape.hidden * shape.vocab
+    q = float(shape.heads * shape.hd)
+    return total + sum(2.0 * float(k) * q for k in scoring_keys)

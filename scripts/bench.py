@@ -104,6 +104,28 @@ def make_video(frames: int, grid: tuple[int, int], dim: int, seed: int, device, 
     return x.to(device, dtype)
 
 
+def video_tokens(strategy, video: torch.Tensor, grid, text: torch.Tensor) -> VideoTokens:
+    """The strategy's input; vision-side fields (VisionZip, FastVID) are synthetic here: there is no vision tower.
+
+    ``frame_global`` is the frame's mean token and the attention maps are seeded uniform noise, so the selection is
+    exercised at the real shapes; the tower-side cost of computing the real maps is in the records, not here.
+    """
+    from prune.api import vision_inputs
+
+    needs = vision_inputs(strategy)
+    if not needs:
+        return VideoTokens(video, grid, text=text)
+    g = torch.Generator().manual_seed(0)
+    t, p, _ = video.shape
+    fields = {
+        "frame_global": video.float().mean(dim=1),
+        "frame_head_attn": torch.rand(t, p, generator=g).to(video.device),
+        "frame_patch_attn": torch.rand(t, p, generator=g).to(video.device),
+        "frame_patch_keys": torch.randn(t, p, 72, generator=g).to(video.device),  # SigLIP so400m head width
+    }
+    return VideoTokens(video, grid, text=text, **{k: v for k, v in fields.items() if k in needs})
+
+
 def run_once(llm: PrunedLM, strategy, video: torch.Tensor, grid, text: torch.Tensor) -> dict:
     """One pre-LLM stage + prefill to the first token's logits; seconds per stage, token counts, memory."""
     device = video.device
@@ -111,12 +133,17 @@ def run_once(llm: PrunedLM, strategy, video: torch.Tensor, grid, text: torch.Ten
         torch.cuda.reset_peak_memory_stats(device)
     clock = StageClock(device)
     clock.start()
-    pre = strategy.pre_llm(VideoTokens(video, grid, text=text))
+    pre = strategy.pre_llm(video_tokens(strategy, video, grid, text))
     embeds = torch.cat([text[:TEXT_BEFORE], pre.tokens.to(text.dtype), text[TEXT_BEFORE:]])[None]
     ids = torch.arange(pre.n, device=device)
     visual = torch.cat([ids.new_full((TEXT_BEFORE,), -1), ids, ids.new_full((TEXT_AFTER,), -1)])
     clock.mark("pre_llm")
-    _, stats, _ = llm.generate(embeds, visual, pre, max_new_tokens=1, clock=clock)
+    positions = None
+    if pre.positions == "original":  # FastVID: the unpruned position ids, gaps included
+        n_in = video.shape[0] * video.shape[1]
+        after = torch.arange(TEXT_AFTER, device=device) + TEXT_BEFORE + n_in
+        positions = torch.cat([torch.arange(TEXT_BEFORE, device=device), pre.origins() + TEXT_BEFORE, after])
+    _, stats, _ = llm.generate(embeds, visual, pre, max_new_tokens=1, clock=clock, positions=positions)
     seconds = clock.seconds()
     return {
         "pre_llm_s": seconds["pre_llm"],
@@ -134,8 +161,9 @@ def pre_llm_gflops(strategy, video: torch.Tensor, grid, text: torch.Tensor) -> f
     """Matmul-class FLOPs of the pre-LLM stage (FlopCounterMode; distance and norm work beyond matmuls is not seen)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    inputs = video_tokens(strategy, video, grid, text)
     with FlopCounterMode(display=False) as counter:
-        strategy.pre_llm(VideoTokens(video, grid, text=text))
+        strategy.pre_llm(inputs)
     return counter.get_total_flops() / 1e9
 
 
@@ -246,8 +274,11 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: llava_ov on CUDA, cpu on CPU")
-    methods = "fastv,prunevid,hieravid,pdrop,framefusion,pool,random"
-    ap.add_argument("--methods", default=methods, help="compared against none")
+    ap.add_argument(
+        "--methods",
+        default="fastv,prunevid,hieravid,pdrop,framefusion,visionzip,vidcom2,fastvid,dycoke,pool,random",
+        help="compared against none",
+    )
     ap.add_argument("--ratios", default="0.3", help="comma-separated; each method runs at each ratio")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -27,6 +27,15 @@ What a strategy's :class:`~prune.api.LayerSpec` asks for is done with four mecha
    do, whatever the pruned cache length. In layers after a renumbering stage the pre-hook moves it down by the
    tokens the renumbering removed (PyramidDrop's decode-time ``position_ids`` update), recomputing RoPE there.
 
+The caller may give the prefill its own (gapped) position ids (a pre-LLM output with ``positions="original"``);
+decode then continues after the last prompt position.
+
+A strategy with a :class:`~prune.api.DecodeSpec` gets a decode-time stage through the same kernel: at every decode
+step, at the spec's layer, the new token's attention over the cache is scored and ``strategy.in_decode`` picks the
+visual entries that layers ``> layer`` attend to in that step (the kernel gathers those keys and values, as DyCoke's
+``PrunableDynamicCache`` does), or evicts the others from those layers' caches for good (``evict=True``). The keys
+each layer attended at every step are recorded for the decode FLOPs.
+
 Shape legend: ``S`` prefill length, ``D`` hidden size, ``H`` heads, ``n`` visual tokens, ``V`` vocabulary.
 """
 
@@ -39,7 +48,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from prune.api import LayerInput, LayerMerge, PreLLMOutput, Strategy, kept_indices
+from prune.api import (
+    DecodeInput,
+    DecodeSpec,
+    LayerInput,
+    LayerMerge,
+    PreLLMOutput,
+    Strategy,
+    decode_spec,
+    kept_indices,
+)
 from prune.attention import query_rows, visual_scores
 
 __all__ = [
@@ -65,6 +83,7 @@ def _scoring_wrapper(base):
         handle = getattr(module, "_vidprune", None)
         if handle is not None:
             handle._maybe_score(module, query, key)
+            key, value, attention_mask = handle._decode_select(module, query, key, value, attention_mask)
         return base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     return attention
@@ -103,6 +122,10 @@ class PrefillStats:
         tokens_per_layer: whole sequence length (text + separators + visual) each layer processed.
         scoring: per in-LLM stage, ``(query rows, keys, reprojected)`` of the extra scoring work
             (:func:`prune.flops.scoring_flops`).
+        decode_keys: with a decode-time stage, per decode step the keys every layer attended (else empty).
+        decode_scoring: with a decode-time stage, per decode step the keys of the one scoring row.
+        decode_visual: with a decode-time stage, per decode step the visual entries the pruned layers attended.
+        kv_bytes_end: bytes of all key and value tensors after decoding.
     """
 
     seq_len: int
@@ -115,6 +138,10 @@ class PrefillStats:
     kept: list[Tensor] = field(default_factory=list)
     tokens_per_layer: list[int] = field(default_factory=list)
     scoring: list[tuple[int, int, bool]] = field(default_factory=list)
+    decode_keys: list[list[int]] = field(default_factory=list)
+    decode_scoring: list[int] = field(default_factory=list)
+    decode_visual: list[int] = field(default_factory=list)
+    kv_bytes_end: int = 0
 
 
 @dataclass
@@ -131,6 +158,8 @@ class Generation:
         logits: ``[V]`` logits of every generated token when asked for.
         pre: the pre-LLM output (its ``assignment`` maps every input token to its output token; with
             ``llm.kept`` it tells which input tokens survive each stage, for pictures of the selection).
+        vision_flops: FLOPs of the vision-side inputs computed for the strategy (``VideoTokens.frame_*``), beyond
+            the tower's normal forward.
     """
 
     tokens: list[int]
@@ -141,6 +170,7 @@ class Generation:
     timings: dict[str, float]
     logits: list[Tensor] = field(default_factory=list)
     pre: PreLLMOutput | None = None
+    vision_flops: float = 0.0
 
 
 @dataclass
@@ -165,6 +195,23 @@ class _Run:
     layer_input: Tensor | None = None  # [1, S_cur, D] input of the current layer, for mid-layer stages
     attn_input: Tensor | None = None
     kept: list[Tensor] = field(default_factory=list)
+    gapped: bool = False  # the prefill's own position ids have gaps (positions="original")
+
+
+@dataclass
+class _Decode:
+    """Mutable decode-time state of one sample (strategies with a :class:`~prune.api.DecodeSpec`)."""
+
+    spec: DecodeSpec
+    pre: PreLLMOutput
+    cache: object
+    entries: list[Tensor]  # per layer, [kv_len] long: index into pre.tokens of each cached entry, -1 for text
+    step: int = 0
+    chosen: Tensor | None = None  # visual entries (indices into pre.tokens) attended by layers > spec.layer this step
+    previous: Tensor | None = None
+    keys: list[list[int]] = field(default_factory=list)
+    scoring: list[int] = field(default_factory=list)
+    visual: list[int] = field(default_factory=list)
 
 
 class PrunedLM:
@@ -185,6 +232,12 @@ class PrunedLM:
         self.own_specs = {spec.layer: spec for spec in specs if spec.own_layer}  # scored in the layer's pre-hook
         firsts = [spec.first_layer for spec in specs]
         self.mid_specs = {spec.layer for spec in specs if spec.mid_layer}  # applied after the layer's attention
+        self.decode = decode_spec(strategy)
+        if self.decode is not None and not 0 <= self.decode.layer < self.num_layers - 1:
+            raise ValueError(
+                f"{strategy.name} scores layer {self.decode.layer} while decoding, but this LLM has {self.num_layers} "
+                f"layers (valid: 0..{self.num_layers - 2}); set the strategy's layer for this backbone"
+            )
         for spec in specs:
             if not (0 if spec.own_layer else 1) <= spec.first_layer <= self.num_layers - 1 or spec.layer < 0:
                 valid = f"0..{self.num_layers - 1}" if spec.own_layer else f"0..{self.num_layers - 2}"
@@ -196,9 +249,10 @@ class PrunedLM:
             raise ValueError(f"{strategy.name}: two in-LLM stages apply at the same layer ({sorted(firsts)})")
         self._run: _Run | None = None
         self._shift: list[int] = []  # per layer: decode position offset left by renumbered stages
+        self._dec: _Decode | None = None
         self._handles = []
         impl = language_model.config._attn_implementation
-        if self.specs:
+        if self.specs or self.decode:
             register_scoring_kernels()
             if impl in SCORING_KERNELS:
                 language_model.config._attn_implementation = impl = SCORING_KERNELS[impl]
@@ -208,8 +262,8 @@ class PrunedLM:
                     f"{impl!r}, which vidprune cannot wrap; load the model with attn_implementation in "
                     f"{sorted(SCORING_KERNELS)} (the scoring kernel wraps it; 'sdpa' is the default)"
                 )
-        uniform = all(spec.prune_past_kv for spec in specs)
-        if specs and impl in ("eager", SCORING_KERNELS["eager"]) and not uniform:
+        uniform = all(spec.prune_past_kv for spec in specs) and not (self.decode and self.decode.evict)
+        if (specs or self.decode) and impl in ("eager", SCORING_KERNELS["eager"]) and not uniform:
             raise ValueError(
                 f"{strategy.name}: eager attention builds one decode mask for all layers, so every layer's KV "
                 "cache must have the same length; enable the strategy's KV pruning (e.g. fastv prune_kv=true) "
@@ -270,6 +324,8 @@ class PrunedLM:
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, Tensor) and mask.dim() == 4:
                     kwargs["attention_mask"] = mask[:, :, run.cur][:, :, :, run.cur]
+            elif run.gapped and "flash" in self.attn_implementation:
+                kwargs["position_ids"] = None
             return (hidden, *args[1:]), kwargs
 
         return hook
@@ -417,6 +473,56 @@ class PrunedLM:
             self._prune_past_kv(run, i)
         return out
 
+    def _decode_select(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask):
+        """Decode-time stage: score at the spec's layer, then gather (or evict) visual entries in later layers."""
+        dec = self._dec
+        if dec is None or query.shape[2] != 1:
+            return key, value, mask
+        li = module.layer_idx
+        entries = dec.entries[li]
+        if key.shape[2] == entries.numel() + 1:  # the new token's own key/value were just appended
+            entries = dec.entries[li] = torch.cat([entries, entries.new_full((1,), -1)])
+        if key.shape[2] != entries.numel():
+            raise RuntimeError(f"decode stage lost track of layer {li}'s cache: {key.shape[2]} keys, {entries.numel()}")
+        spec = dec.spec
+        if li == spec.layer:
+            self._decode_decide(dec, module, query, key, entries)
+        if li > spec.layer and dec.chosen is not None:
+            sel = ((entries < 0) | torch.isin(entries, dec.chosen)).nonzero()[:, 0]
+            key, value = key[:, :, sel], value[:, :, sel]
+            if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[-1] == entries.numel():
+                mask = mask[..., sel]
+            if spec.evict:
+                layer = dec.cache.layers[li]
+                layer.keys, layer.values = layer.keys[:, :, sel], layer.values[:, :, sel]
+                dec.entries[li] = entries[sel]
+        dec.keys[-1][li] = int(key.shape[2])
+        if li == self.num_layers - 1:
+            vis = dec.entries[li] if dec.chosen is None or spec.evict else entries[torch.isin(entries, dec.chosen)]
+            dec.visual.append(int((vis >= 0).sum()))
+        return key, value, mask
+
+    def _decode_decide(self, dec: _Decode, module: nn.Module, query: Tensor, key: Tensor, entries: Tensor) -> None:
+        dec.step += 1
+        vis = (entries >= 0).nonzero()[:, 0]
+        k = key[0]
+        rep = query.shape[1] // k.shape[0]  # GQA: repeat the KV heads
+        k = k.repeat_interleave(rep, dim=0) if rep > 1 else k
+        logits = (query[0].float() @ k.float().transpose(1, 2)) * module.scaling  # [H, 1, K]
+        probs = torch.softmax(logits, dim=-1)[:, 0]  # [H, K]
+        row = probs.mean(0) if dec.spec.head_reduce == "mean" else probs.amax(0)
+        dec.scoring.append(int(key.shape[2]))
+        scores = row[vis]
+        visual = entries[vis]
+        keep = self.strategy.in_decode(DecodeInput(dec.step, scores, visual, dec.previous, dec.pre))
+        dec.previous = scores
+        if keep is None:
+            dec.chosen = None
+            return
+        if keep.dim() != 1 or (keep.numel() and (keep.min() < 0 or keep.max() >= visual.numel())):
+            raise RuntimeError(f"{self.strategy.name}.in_decode returned indices outside 0..{visual.numel() - 1}")
+        dec.chosen = None if keep.numel() == visual.numel() else visual[keep]
+
     # -- prefill and greedy decoding -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -429,6 +535,7 @@ class PrunedLM:
         eos_token_ids: Sequence[int] = (),
         return_logits: bool = False,
         clock: StageClock | None = None,
+        positions: Tensor | None = None,
     ) -> tuple[list[int], PrefillStats, list[Tensor]]:
         """Prefill with pruning, then decode greedily.
 
@@ -441,6 +548,7 @@ class PrunedLM:
             return_logits: also return the ``[V]`` fp32 logits of every generated token.
             clock: marks ``prefill`` and ``decode`` on the caller's clock (a fresh one when ``None``); the stats'
                 ``prefill_s`` and ``decode_s`` are read from it.
+            positions: ``[S]`` increasing long position ids of the prompt (gaps allowed); ``None`` is ``0 .. S-1``.
 
         Returns:
             Generated token ids, the :class:`PrefillStats`, and the logits (empty unless asked).
@@ -452,14 +560,21 @@ class PrunedLM:
         seq = inputs_embeds.shape[1]
         if visual.shape != (seq,):
             raise ValueError(f"visual must be [S={seq}], got {tuple(visual.shape)}")
-        if self.specs and not bool((visual >= 0).any()):
-            raise ValueError("the prompt has no visual token to prune")
         device = inputs_embeds.device
         clock = clock or StageClock(device)
+        if (self.specs or self.decode) and not bool((visual >= 0).any()):
+            raise ValueError("the prompt has no visual token to prune")
         cache = DynamicCache(config=self.lm.config)
-        positions = torch.arange(seq, device=device)
-        run = _Run(pre, seq, positions, positions, visual.to(device), [0] * self.num_layers, cache)
+        index = torch.arange(seq, device=device)
+        gapped = positions is not None and not torch.equal(positions.to(device), index)
+        if positions is None:
+            positions = index
+        positions = positions.to(device=device, dtype=torch.long)
+        if positions.shape != (seq,) or (seq > 1 and not bool((positions[1:] > positions[:-1]).all())):
+            raise ValueError(f"positions must be [S={seq}] strictly increasing ids, got {tuple(positions.shape)}")
+        run = _Run(pre, seq, index, positions, visual.to(device), [0] * self.num_layers, cache)
         run.lengths = [0] * self.num_layers
+        run.gapped = gapped
         self._run, self._shift = run, []
         try:
             clock.start()
@@ -479,10 +594,17 @@ class PrunedLM:
         stats.kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         tokens, all_logits = [token], [logits] if return_logits else []
         embed = self.lm.embed_tokens
+        last = int(positions[-1])
+        visual_dev = visual.to(device)
+        if self.decode is not None:
+            entries = [visual_dev[run.layer_pos[j]] for j in range(self.num_layers)]
+            self._dec = _Decode(self.decode, pre, cache, entries)
         try:
             while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
                 step = torch.tensor([[tokens[-1]]], device=device)
-                pos = torch.tensor([[seq + len(tokens) - 1]], device=device)
+                pos = torch.tensor([[last + len(tokens)]], device=device)
+                if self._dec is not None:
+                    self._dec.keys.append([0] * self.num_layers)
                 out = self.lm(inputs_embeds=embed(step), position_ids=pos, past_key_values=cache, use_cache=True)
                 logits = self.lm_head(out.last_hidden_state[:, -1]).float()[0]
                 tokens.append(int(logits.argmax()))
@@ -490,6 +612,10 @@ class PrunedLM:
                     all_logits.append(logits)
         finally:
             self._shift = []
+            dec, self._dec = self._dec, None
+        if dec is not None:
+            stats.decode_keys, stats.decode_scoring, stats.decode_visual = dec.keys, dec.scoring, dec.visual
+        stats.kv_bytes_end = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         clock.mark("decode")
         times = clock.seconds()
         stats.prefill_s, stats.decode_s = times["prefill"], times["decode"]

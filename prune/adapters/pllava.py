@@ -24,6 +24,19 @@ adapter runs the tower and projector itself and pools in 3-D (step 3); the LLM r
 :class:`prune.adapters.llm.PrunedLM`, which handles Llama as it does Qwen2. The pre-LLM hook sits between pooling
 and the splice, where PruneVid's ``merge_frames_dynamic`` sits in its fork (``backbones.md`` §2a).
 
+**Vision-side inputs** (only for strategies that declare them; :mod:`prune.adapters.vision`), from the CLIP layer
+the VLM uses (layer -2), pooled to the 12x12 grid by the same 2x2 average as the features:
+
+* ``frame_patch_attn`` / ``frame_patch_keys``: attention each patch receives (mean over heads and all 577 query rows,
+  CLS row included) and the patches' head-mean keys;
+* ``frame_head_attn``: CLIP has no attention-pooling head; its CLS token plays that role, so the CLS row's head-mean
+  attention over the patches in that layer stands in (VisionZip's own CLIP signal);
+* ``frame_global``: CLIP's pooled output (``post_layernorm`` of the last layer's CLS) stands in for SigLIP's pooled
+  descriptor.
+
+**Positions.** ``positions="original"`` gives each token the position of its representative in the unpruned prompt
+(``prefix + t·144 + p``) and keeps the text after the video at its original positions.
+
 Shape legend: ``T`` frames, ``P = 144`` tokens per frame (12x12), ``D`` LLM hidden size, ``S`` prompt length.
 """
 
@@ -40,7 +53,8 @@ from torch import Tensor
 from prune.adapters.convert_pllava import DEFAULT_LORA_ALPHA, HUB_REPO, load_original
 from prune.adapters.llm import Generation, PrunedLM, StageClock
 from prune.adapters.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _as_tensor, _to_channels_first
-from prune.api import Strategy, VideoTokens
+from prune.adapters.vision import attention_flops, attention_maps, capture_attention_input, tower_layer
+from prune.api import Strategy, VideoTokens, vision_inputs
 
 __all__ = [
     "HF_REPO",
@@ -254,6 +268,15 @@ class PllavaAdapter:
         self.placeholder_id = cfg.image_token_id
         self.separators_unpruned = 0
         self.llm = PrunedLM(model.model.language_model, model.lm_head, strategy)
+        self.needs = vision_inputs(strategy)
+        self.vision_flops = 0.0
+        self._extras: dict[str, Tensor] = {}
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """``[T, 576, C]`` to ``[T, 144, C]``: the 2x2 average of ``AdaptiveAvgPool3d((T, 12, 12))``."""
+        t, _, c = x.shape
+        grid = x.reshape(t, self.side, self.side, c).permute(0, 3, 1, 2)
+        return F.adaptive_avg_pool2d(grid, self.grid).permute(0, 2, 3, 1).reshape(t, -1, c)
 
     def video_grid(self, pixel_values_videos: Tensor) -> Tensor:
         """PLLaVA's visual tokens of one video: CLIP layer -2 without CLS, projector, then 3-D average pooling.
@@ -278,12 +301,32 @@ class PllavaAdapter:
             )
         if (c, height, width) != (3, size, size):
             raise ValueError(f"frames must be 3x{size}x{size}, got {c}x{height}x{width}; use preprocess_pllava")
-        out = m.vision_tower(pixel_values_videos[0].to(m.vision_tower.dtype), output_hidden_states=True)
+        tower = m.vision_tower
+        index = tower_layer(len(tower.encoder.layers), cfg.vision_feature_layer)
+        with capture_attention_input(tower.encoder.layers[index]) as box:
+            out = tower(pixel_values_videos[0].to(tower.dtype), output_hidden_states=True)
+        self._extras, self.vision_flops = {}, 0.0
+        if self.needs & {"frame_patch_attn", "frame_patch_keys", "frame_head_attn"}:
+            attn = tower.encoder.layers[index].self_attn
+            maps = attention_maps(attn, box["x"], cls=True)
+            self._extras["frame_patch_attn"] = self._pool(maps["received"].unsqueeze(-1)).squeeze(-1)
+            self._extras["frame_patch_keys"] = self._pool(maps["keys"])
+            self._extras["frame_head_attn"] = self._pool(maps["cls"].unsqueeze(-1)).squeeze(-1)
+            self.vision_flops = attention_flops(t, box["x"].shape[1], box["x"].shape[2], attn.num_heads, attn.head_dim)
+        if "frame_global" in self.needs:
+            self._extras["frame_global"] = out.pooler_output.float()
+        self._extras = {k: v for k, v in self._extras.items() if k in self.needs}
         feats = out.hidden_states[cfg.vision_feature_layer][:, 1:]  # [T, 576, Dv], CLS dropped
         feats = m.multi_modal_projector(feats)  # [T, 576, D]: PLLaVA projects before pooling
         video = feats.view(t, self.side, self.side, -1).permute(3, 0, 1, 2)[None]  # [1, D, T, 24, 24]
         pooled = F.adaptive_avg_pool3d(video, (t, *self.grid))  # identity over T, 2x2 average in space
         return pooled[0].permute(1, 2, 3, 0)  # [T, 12, 12, D]
+
+    def video_tokens(self, pixel_values_videos: Tensor, text: Tensor | None = None) -> VideoTokens:
+        """What ``strategy.pre_llm`` receives for this video: the grid and the declared vision-side fields."""
+        grid = self.video_grid(pixel_values_videos)
+        t, h, w, d = grid.shape
+        return VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text, **self._extras)
 
     @torch.no_grad()
     def generate(
@@ -327,7 +370,7 @@ class PllavaAdapter:
         embed = self.model.get_input_embeddings()
         text = embed(torch.cat([prefix, suffix], dim=1))[0]
         t, h, w, d = grid.shape
-        pre = self.strategy.pre_llm(VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text))
+        pre = self.strategy.pre_llm(VideoTokens(grid.reshape(t, h * w, d), (h, w), text=text, **self._extras))
         clock.mark("pre_llm")
 
         embeds = torch.cat([embed(prefix)[0], pre.tokens.to(text.dtype), embed(suffix)[0]])[None]
@@ -338,11 +381,25 @@ class PllavaAdapter:
                 torch.full((suffix.shape[1],), -1, dtype=torch.long, device=device),
             ]
         )
+        positions = None
+        if pre.positions == "original":
+            n_pre = prefix.shape[1]
+            after = torch.arange(suffix.shape[1], device=device) + n_pre + t * h * w
+            positions = torch.cat([torch.arange(n_pre, device=device), pre.origins().to(device) + n_pre, after])
         tokens, stats, logits = self.llm.generate(
-            embeds, visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits, clock=clock
+            embeds,
+            visual,
+            pre,
+            max_new_tokens,
+            eos_token_ids,
+            return_logits=return_logits,
+            clock=clock,
+            positions=positions,
         )
         timings = clock.seconds()
-        return Generation(tokens, t * h * w, pre.n, 0, stats, timings, logits, pre)
+        gen = Generation(tokens, t * h * w, pre.n, 0, stats, timings, logits, pre)
+        gen.vision_flops = self.vision_flops
+        return gen
 
 
 # -- building and loading -----------------------------------------------------------------------------------------

@@ -66,6 +66,12 @@ are removed from the :class:`~prune.api.PreLLMOutput` handed to the LLM (see :fu
 ``Generation.visual_pre_llm``, ``Generation.pre`` and the per-layer counts describe what the LLM actually saw;
 ``visual_in`` stays ``T·32``.
 
+**Vision-side inputs** (``VideoTokens.frame_*``) are refused: the LLM sees Q-Former query outputs, not patches, so no
+per-patch vision attention or pooling-head map lines up with its tokens; strategies that declare ``vision_inputs``
+(VisionZip, FastVID) fail at construction with that reason. ``positions="original"`` is honoured: token ``t·32 + q``
+sits at ``prefix + t·32 + q`` and the text after the video keeps its positions (left truncation then shifts all of
+them so the first kept position is 0, as the official code renumbers the truncated prompt).
+
 **Deviations** (documented in ``docs/st_llm.md``): greedy decoding (the QA scripts use beam search 5 and
 repetition penalty 1.5; MVBench is greedy), bf16 instead of fp16 by default, single-token stops only
 (:data:`EOS_TOKEN_IDS`; ``###`` also encodes as two tokens ``[2277, 29937]``).
@@ -86,7 +92,7 @@ from torch import Tensor, nn
 
 from prune.adapters.llm import Generation, PrunedLM, StageClock
 from prune.adapters.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from prune.api import PreLLMOutput, Strategy, VideoTokens
+from prune.api import PreLLMOutput, Strategy, VideoTokens, vision_inputs
 
 __all__ = [
     "EOS_TOKEN_IDS",
@@ -234,7 +240,10 @@ def drop_leading_visual(pre: PreLLMOutput, drop: int) -> PreLLMOutput:
         if kept > 0:
             groups.append(kept)
         start += size
-    return PreLLMOutput(pre.tokens[drop:], assignment, tuple(groups))
+    origin = pre.origins()[drop:]
+    return PreLLMOutput(
+        pre.tokens[drop:], assignment, tuple(groups), positions=pre.positions, flops=pre.flops, origin=origin
+    )
 
 
 # -- building and loading -------------------------------------------------------------------------------------------
@@ -562,6 +571,12 @@ class StLlmAdapter:
             isinstance(max_input_tokens, bool) or not isinstance(max_input_tokens, int) or max_input_tokens < 2
         ):
             raise ValueError(f"max_input_tokens must be None (no truncation) or an int >= 2, got {max_input_tokens!r}")
+        needs = vision_inputs(strategy)
+        if needs:
+            raise ValueError(
+                f"{strategy.name} needs {sorted(needs)} from the vision tower, but ST-LLM's visual tokens are Q-Former "
+                "query outputs, not patches: no per-patch vision attention or pooling-head map lines up with them"
+            )
         self.model, self.strategy = model, strategy
         self.num_frames, self.max_input_tokens = num_frames, max_input_tokens
         self.num_queries = model.config.num_query_tokens
@@ -684,6 +699,10 @@ class StLlmAdapter:
         pre = self.strategy.pre_llm(VideoTokens(grid, self.grid, text=text))
         embeds = torch.cat([embed(prefix)[0], pre.tokens.to(text.dtype), embed(suffix)[0]])
         n_prefix = prefix.shape[1]
+        positions = None
+        if pre.positions == "original":
+            after = torch.arange(suffix.shape[1], device=device) + n_prefix + t * q
+            positions = torch.cat([torch.arange(n_prefix, device=device), pre.origins().to(device) + n_prefix, after])
         if self.max_input_tokens is not None and embeds.shape[0] > self.max_input_tokens:
             cut = embeds.shape[0] - self.max_input_tokens  # Chat.answer: embs[:, begin_idx:]
             drop = max(0, cut - n_prefix)
@@ -694,12 +713,21 @@ class StLlmAdapter:
                 )
             pre = drop_leading_visual(pre, drop)
             embeds, n_prefix = embeds[cut:], max(0, n_prefix - cut)
+            if positions is not None:
+                positions = positions[cut:] - positions[cut]
         minus = torch.full((n_prefix,), -1, device=device), torch.full((suffix.shape[1],), -1, device=device)
         visual = torch.cat([minus[0], torch.arange(pre.n, device=device), minus[1]])
         clock.mark("pre_llm")
 
         tokens, stats, logits = self.llm.generate(
-            embeds[None], visual, pre, max_new_tokens, eos_token_ids, return_logits=return_logits, clock=clock
+            embeds[None],
+            visual,
+            pre,
+            max_new_tokens,
+            eos_token_ids,
+            return_logits=return_logits,
+            clock=clock,
+            positions=positions,
         )
         timings = clock.seconds()
         return Generation(tokens, t * q, pre.n, 0, stats, timings, logits, pre)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prune.api import LayerInput, LayerSpec, PreLLMOutput, VideoTokens, check_ratio, keep_count
+from prune.strategies.fastvid import dyseg
 
 __all__ = ["HieraVid", "greedy_map", "segment_frames", "split_budget", "static_positions"]
 
@@ -55,11 +56,11 @@ _BLOCK = 128
 
 
 def segment_frames(tokens: Tensor, num_segments: int, tau_seg: float) -> Tensor:
-    """DySeg temporal segmentation (FastVID; hieravid.md B.1.1-3).
+    """DySeg temporal segmentation (FastVID; hieravid.md B.1.1-3) on mean-token frame descriptors.
 
-    Frame descriptor ``g_f`` = L2-normalised mean of frame ``f``'s tokens; ``s_f = cos(g_f, g_{f+1})``. A cut goes
-    after frame ``f`` when ``s_f < tau_seg``, and always after the ``c - 1`` frames with the lowest ``s_f``
-    (``c = min(num_segments, T)``; ties go to the earlier transition), so there are at least ``c`` segments.
+    Frame descriptor ``g_f`` = mean of frame ``f``'s tokens; the cuts are FastVID's own :func:`~prune.strategies.
+    fastvid.dyseg` (shared, not duplicated): after frame ``f`` when ``cos(g_f, g_{f+1}) < tau_seg``, and always after
+    the ``c - 1`` lowest similarities (``c = min(num_segments, T)``; ties go to the earlier transition).
 
     Args:
         tokens: ``[T, P, D]`` visual tokens (any float dtype; computed in fp32).
@@ -69,19 +70,7 @@ def segment_frames(tokens: Tensor, num_segments: int, tau_seg: float) -> Tensor:
     Returns:
         ``[T]`` long segment id of each frame, ``0 .. S-1``, non-decreasing.
     """
-    t = tokens.shape[0]
-    device = tokens.device
-    if t == 1:
-        return torch.zeros(1, dtype=torch.long, device=device)
-    g = F.normalize(tokens.float().mean(dim=1), dim=-1)  # [T, D]
-    sim = (g[:-1] * g[1:]).sum(-1)  # [T-1]
-    cut = sim < tau_seg
-    forced = min(num_segments, t) - 1
-    if forced > 0:
-        # stable ascending sort: among equal similarities the earlier transition is cut first (deterministic)
-        lowest = torch.sort(sim, stable=True).indices[:forced]
-        cut[lowest] = True
-    return torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(cut.long(), 0)])
+    return dyseg(tokens.float().mean(dim=1), num_segments, tau_seg)
 
 
 def static_positions(tokens: Tensor, seg_id: Tensor, tau_static: float) -> Tensor:

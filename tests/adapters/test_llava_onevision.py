@@ -143,7 +143,7 @@ def _reference_logits(model, ids, video, keep, layer, generated, hide_pruned_fro
     adapter = LlavaOnevisionAdapter(model, NoPruning(), "onevision", num_frames=T)
     with torch.no_grad():
         grid = adapter.video_grid(video).reshape(-1, 64)
-        vis, _ = adapter.visual_sequence(PreLLMOutput(grid, torch.arange(grid.shape[0])), grid.view(T, 14, 14, 64))
+        vis, _, _ = adapter.visual_sequence(PreLLMOutput(grid, torch.arange(grid.shape[0])), grid.view(T, 14, 14, 64))
         embed = model.get_input_embeddings()
         prompt = torch.cat([embed(torch.tensor(PREFIX)), vis, embed(torch.tensor(SUFFIX))])
         x = torch.cat([prompt, embed(torch.tensor(generated[:-1]))])[None]
@@ -217,10 +217,14 @@ def _strategy(name, ratio=0.3):
 @pytest.mark.parametrize("layout", ["onevision", "video"])
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_every_strategy_runs_on_both_backbones(sdpa_model, video, layout, name):
+    from prune.adapters.vision import siglip_pooling_head
+
     strategy = _strategy(name)
-    adapter = LlavaOnevisionAdapter(sdpa_model, strategy, layout, num_frames=T)
+    head = siglip_pooling_head(sdpa_model.config.vision_config)  # FastVID's restored SigLIP head (random here)
+    adapter = LlavaOnevisionAdapter(sdpa_model, strategy, layout, num_frames=T, pooling_head=head)
     try:
         grid = adapter.video_grid(video)
+        video_tokens = adapter.video_tokens(video)
         out = adapter.generate(_ids(), video, max_new_tokens=3)
     finally:
         adapter.llm.remove()
@@ -229,7 +233,6 @@ def test_every_strategy_runs_on_both_backbones(sdpa_model, video, layout, name):
     assert out.visual_in == T * per_frame
     assert len(out.tokens) == 3
     # The layer counts the LLM measured are the ones the strategy promises for its own pre-LLM output.
-    video_tokens = VideoTokens(grid.reshape(T, -1, grid.shape[-1]), grid.shape[1:3])
     pre = strategy.pre_llm(video_tokens)
     assert out.visual_pre_llm == pre.n
     if name == "framefusion":  # counts follow hidden-state similarity: measured only; the layer average is its budget
@@ -252,7 +255,7 @@ def test_video_layout_newline_per_frame_after_pre_llm_pruning(sdpa_model, video)
     adapter = LlavaOnevisionAdapter(sdpa_model, RandomPruning(ratio=0.5), "video", num_frames=T)
     grid = adapter.video_grid(video)
     pre = adapter.strategy.pre_llm(VideoTokens(grid.reshape(T, 169, 64), (13, 13)))
-    tokens, index = adapter.visual_sequence(pre, grid)
+    tokens, index, _ = adapter.visual_sequence(pre, grid)
     newline_at = (index < 0).nonzero()[:, 0]
     assert newline_at.numel() == T and int(newline_at[-1]) == index.numel() - 1
     frames = pre.sources()[index[index >= 0]] // 169

@@ -432,12 +432,13 @@ def test_every_strategy_runs_on_pllava(model, video, grid, name):
     adapter = PllavaAdapter(model, strategy)
     try:
         out = adapter.generate(_ids(), video, max_new_tokens=3)
+        video_tokens = adapter.video_tokens(video)  # with the vision-side fields the strategy declares
     finally:
         adapter.llm.remove()
     assert len(out.tokens) == 3 and all(0 <= tok < 32064 for tok in out.tokens)
     assert out.visual_in == T * 144 and out.separators == 0
-    tokens = grid.reshape(T, 144, 64)
-    pre, budget = simulate(strategy, _video_tokens(tokens), 4, _scores)
+    assert torch.equal(video_tokens.tokens, grid.reshape(T, 144, 64))
+    pre, budget = simulate(strategy, video_tokens, 4, _scores)
     assert out.visual_pre_llm == pre.n == budget.pre_llm
     # per-layer counts: what the LLM measured == what the strategy promises == a model-free simulation
     if name == "framefusion":  # counts follow hidden-state similarity: measured only; the layer average is its budget
@@ -454,12 +455,6 @@ def test_every_strategy_runs_on_pllava(model, video, grid, name):
 
 def _scores(spec, visual, pre):
     return torch.rand(visual.numel(), generator=torch.Generator().manual_seed(spec.layer))
-
-
-def _video_tokens(tokens):
-    from prune.api import VideoTokens
-
-    return VideoTokens(tokens, (12, 12))
 
 
 def _scene_video():

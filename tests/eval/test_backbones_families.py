@@ -37,7 +37,7 @@ def _backbone(model: str, prune: str, *extra: str):
 def test_the_family_table_lists_the_three_families():
     assert IMPLEMENTED == ("llava_onevision", "pllava", "st_llm")
     assert set(FAMILIES["pllava"].loaders) == set(FAMILIES["st_llm"].loaders) == {"tiny", "checkpoint"}
-    assert set(FAMILIES["llava_onevision"].loaders) == {"tiny", "hf", "llava_video"}
+    assert set(FAMILIES["llava_onevision"].loaders) == {"tiny", "hf", "llava_video", "probe"}
 
 
 def test_every_model_config_names_a_discovered_family_and_one_of_its_loaders():

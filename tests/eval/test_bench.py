@@ -35,3 +35,16 @@ def test_bench_reports_every_method_against_none(tmp_path):
         assert t["met"] or "pre-LLM" in t["where"]  # a miss names the stage holding the time
     assert report["meta"]["threads"] >= 1 and report["meta"]["versions"]["torch"]
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().startswith("<!-- generated")
+
+
+def test_bench_includes_the_video_native_methods(tmp_path):
+    methods = "visionzip,vidcom2,fastvid,dycoke"
+    argv = ["--preset", "tiny", "--repeats", "1", "--methods", methods, "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("cpu-tiny-*.json")
+    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"none", *methods.split(",")}
+    for name in methods.split(","):
+        r = rows[name]
+        assert r["flops_ratio"] < 1 and r["ttft_ms"] > 0, name  # all four shorten the prefill at 0.3
+    assert rows["visionzip"]["visual_pre_llm"] == 4 * 59  # keep_count(0.3, 196) per frame

@@ -33,6 +33,8 @@ def offline(monkeypatch, tmp_path):
 def _cfg(data_dir, results, *extra):
     return compose_config(
         [
+            "model=tiny_llava_ov",
+            "benchmark=tiny",
             f"benchmark.data_dir={data_dir}",
             "benchmark.build=false",
             f"results_dir={results}",
@@ -167,6 +169,7 @@ def test_missing_weights_fail_fast_with_a_message(tmp_path):
             "model=llava_ov",
             "prune=hieravid",
             "ratio=0.3",
+            "benchmark=tiny",
             f"results_dir={tmp_path / 'results'}",
             f"benchmark.data_dir={tmp_path / 'bench'}",
         ],

@@ -14,12 +14,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prune.api import PreLLMOutput, Strategy, TokenBudget, VideoTokens, keep_count, simulate
+from prune.api import VISION_INPUTS, PreLLMOutput, Strategy, TokenBudget, VideoTokens, keep_count, simulate
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "prune").glob("*.yaml"))
 NAMES = [p.stem for p in CONFIGS]
 RATIOS = [0.3, 1.0]
 NUM_LAYERS = 28
+T_FRAMES = 16  # frames of the conformance video
 
 
 def _expected_ok(name: str, s: Strategy, pre: PreLLMOutput, budget: TokenBudget) -> str | None:
@@ -46,6 +47,24 @@ def _expected_ok(name: str, s: Strategy, pre: PreLLMOutput, budget: TokenBudget)
     elif name == "hieravid":
         # ratio is the layer-averaged retention; within 1 % of it (and never above by more than a token per layer).
         ok = abs(budget.layer_avg_ratio - r) <= 0.01 * r
+    elif name == "visionzip":
+        # keep_count(ratio, P) tokens per frame (dominant + contextual)
+        t, p = T_FRAMES, n_in // T_FRAMES
+        ok = pre.n == t * keep_count(r, p) and set(budget.per_layer) == {pre.n}
+    elif name == "vidcom2":
+        # frame budgets average ratio; per-frame rounding moves the total by at most one token per frame
+        ok = (pre.n == n_in if r == 1.0 else abs(pre.n - r * n_in) <= T_FRAMES) and set(budget.per_layer) == {pre.n}
+    elif name == "fastvid":
+        # int(P * ratio) per frame; a segment's anchors lose < ceil(L/p) <= L tokens to integer division
+        retain = max(1, int(n_in // T_FRAMES * r))
+        ok = T_FRAMES * retain - T_FRAMES <= pre.n <= T_FRAMES * retain if r < 1.0 else pre.n == n_in
+    elif name == "dycoke":
+        # TTM: whole frames plus int(ratio * P) of each pruned frame; decode-time pruning is outside the prefill
+        from prune.strategies.dycoke import ttm_plan
+
+        p = n_in // T_FRAMES
+        cut = sum(ref is not None for ref in ttm_plan(T_FRAMES))
+        ok = pre.n == n_in - cut * (p - min(p, int(r * p))) and set(budget.per_layer) == {pre.n}
     else:
         return f"no budget rule for strategy config {name!r}: add one to BUDGET_RULES in {__file__}"
     return None if ok else f"{name} at ratio {r}: budget not met: pre={pre.n}, per_layer={budget.per_layer}"
@@ -58,12 +77,19 @@ def _strategy(name: str, ratio: float) -> Strategy:
     return instantiate(cfg.prune)
 
 
-def _video(t=16, h=6, w=6, d=32, dtype=torch.float32, seed=0, static=0):
+def _video(t=T_FRAMES, h=6, w=6, d=32, dtype=torch.float32, seed=0, static=0):
+    """Random tokens, and random vision-side fields (strategies that do not declare them never read them)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h * w, d, generator=g)
     if static:
         x[:, :static] = torch.randn(static, d, generator=g)
-    return VideoTokens(x.to(dtype), (h, w))
+    vision = {
+        "frame_global": torch.randn(t, 8, generator=g),
+        "frame_head_attn": torch.rand(t, h * w, generator=g),
+        "frame_patch_attn": torch.rand(t, h * w, generator=g),
+        "frame_patch_keys": torch.randn(t, h * w, 4, generator=g),
+    }
+    return VideoTokens(x.to(dtype), (h, w), **vision)
 
 
 def _scores(seed=0):
@@ -76,6 +102,7 @@ def _scores(seed=0):
 
 def test_every_config_is_covered():
     assert {"none", "fastv", "prunevid", "hieravid", "random", "pool"} <= set(NAMES)
+    assert {"visionzip", "vidcom2", "fastvid", "dycoke"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -126,7 +153,8 @@ def test_dtype_preserved(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_device_preserved(name):
     s = _strategy(name, 0.5)
-    video = VideoTokens(_video().tokens.cuda(), (6, 6))
+    cpu = _video()
+    video = VideoTokens(cpu.tokens.cuda(), (6, 6), **{k: getattr(cpu, k).cuda() for k in VISION_INPUTS})
     pre, budget = simulate(s, video, NUM_LAYERS, lambda spec, vis, pre: torch.rand(vis.numel(), device=vis.device))
     assert pre.tokens.is_cuda and pre.assignment.is_cuda
     assert all(k.is_cuda for k in budget.kept)

@@ -1,0 +1,487 @@
+"""Known-answer probe: synthetic videos whose answer and evidence are known, written as local lmms-eval tasks.
+
+Published designs this follows (``../shared/reference/probe.md``): VideoNIAH / VNBench (arXiv 2406.09367) inserts
+unrelated "needles" into haystack videos and generates the question by rule, so where the answer lives is known;
+its retrieval, ordering and counting tasks are the ``needle``, ``order`` and ``count`` families here. We add
+``detail`` (a small object present in every frame: what spatial pooling or merging destroys) and ``motion`` (an
+object crossing the frame: what frame dropping and temporal merging destroy).
+
+Every video is ``num_frames`` frames of ``size x size`` pixels on a fixed plain grey background, stored losslessly as
+a folder of PNG frames, so the backbone samples each frame exactly once (``load_frames`` reads frame folders) and no
+codec blurs a small object. A family is one 4-option multiple-choice task ``probe_<family>`` whose options are the
+same four words in the same order in every sample (:data:`OPTIONS`), so a letter names an answer; the answer cycles
+through the four over a family's samples, so every letter is right equally often and any letter prior scores 25 %.
+Fixed options are a deliberate choice for a probe model trained from scratch in minutes: with shuffled options the
+model must also learn to look an answer word up among the options (a text skill no pruning method touches), and in
+our CPU budget it did not get past the letter prior (docs/probe.md); with fixed options all it must learn is the
+video. Circular evaluation (VNBench) is therefore not needed: no letter bias can score above chance.
+
+========  ============================================================  ===========================  ======
+family    video                                                         question (options)           chance
+========  ============================================================  ===========================  ======
+needle    one big square in one frame (or a 2-frame span), else empty   its colour (4 colours)       1/4
+order     two big squares of different colours in different frames      which colour came first (4)  1/4
+count     one big square visible in 1-4 of the frames                   how many flashes (one-four)  1/4
+detail    one small square at one place in every frame                  its colour (4 colours)       1/4
+motion    one big square crossing the frame left, right, up or down     direction (4)                1/4
+========  ============================================================  ===========================  ======
+
+``chance`` is one over the options a video-blind model cannot rule out from the question: answers are uniform, so
+the blind control (``prune=random ratio=0.0005``: one visual token) should score 25 % on every family.
+
+**Evidence.** Each sample records the frames and the cells of the pooled ``grid x grid`` token grid (the
+backbone's 14x14 after pooling for LLaVA-OneVision) whose pixels overlap what the answer depends on, as
+``[[frame, [cell, ...]], ...]`` with ``cell = row * grid + col``. Flattened in the time-then-raster order of
+:class:`prune.api.VideoTokens` (``frame * grid * grid + cell``) they are visual-token indices, from which
+:func:`evidence_retention` computes the fraction that survives each stage of a pruning method.
+
+The generator is deterministic from ``seed`` (a private ``random.Random``); the evaluation set uses one seed,
+training uses others (:func:`sample_family` draws samples without files for the training script).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CHANCE",
+    "COLOURS",
+    "FAMILIES",
+    "LETTERS",
+    "OPTIONS",
+    "PROBE_VOCAB",
+    "ProbeSample",
+    "ProbeTokenizer",
+    "evidence_cells",
+    "evidence_retention",
+    "evidence_tokens",
+    "model_vocab",
+    "render",
+    "sample_family",
+    "write_probe",
+]
+
+FAMILIES = ("needle", "order", "count", "detail", "motion")
+LETTERS = "ABCD"
+BACKGROUND = (128, 128, 128)  # fixed plain grey: varying backgrounds made nothing visual learnable at this size
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230), "yellow": (240, 220, 20)}
+COLOUR_NAMES = tuple(COLOURS)
+COUNT_WORDS = ("one", "two", "three", "four")
+DIRECTIONS = ("left", "right", "up", "down")
+OPTIONS = {
+    "needle": COLOUR_NAMES,
+    "order": COLOUR_NAMES,
+    "count": COUNT_WORDS,
+    "detail": COLOUR_NAMES,
+    "motion": DIRECTIONS,
+}  # fixed per family: the letter names the answer itself (see the module docstring)
+CHANCE = dict.fromkeys(FAMILIES, 0.25)
+QUESTIONS = {
+    "needle": "What colour was the flash?",
+    "order": "Which colour came first?",
+    "count": "How many flashes were there?",
+    "detail": "What colour is the small dot?",
+    "motion": "Which way does the square move?",
+}
+POST_PROMPT = "Answer with the option's letter."
+BIG, SMALL = 112, 36  # square sides in pixels at size 384: ~4x4 and ~1.3x1.3 cells of the 14x14 grid
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned filled square, in pixels of a ``size x size`` frame.
+
+    Attributes:
+        frame: frame index.
+        x, y: top-left corner (column, row).
+        side: side length.
+        colour: a key of :data:`COLOURS`.
+    """
+
+    frame: int
+    x: int
+    y: int
+    side: int
+    colour: str
+
+
+@dataclass(frozen=True)
+class ProbeSample:
+    """One generated question with its video description and evidence.
+
+    Attributes:
+        family: one of :data:`FAMILIES`.
+        index: position within the family (the answer is ``OPTIONS[family][index % 4]``, letter ``LETTERS[index % 4]``).
+        options: the four option texts in letter order (:data:`OPTIONS` of the family).
+        answer: the correct letter.
+        boxes: everything drawn; a frame without a box is plain background.
+        evidence_boxes: indices into ``boxes`` of what the answer depends on.
+        num_frames: frames in the video.
+        size: frame side in pixels.
+    """
+
+    family: str
+    index: int
+    options: tuple[str, ...]
+    answer: str
+    boxes: tuple[Box, ...]
+    evidence_boxes: tuple[int, ...]
+    num_frames: int
+    size: int
+
+    @property
+    def question(self) -> str:
+        """The prompt text: question, lettered options and the post-prompt."""
+        lines = [
+            QUESTIONS[self.family],
+            *(f"{letter}. {opt}" for letter, opt in zip(LETTERS, self.options, strict=True)),
+        ]
+        return "\n".join([*lines, POST_PROMPT])
+
+
+# -- sampling -------------------------------------------------------------------------------------------------------
+
+
+def _place(rng: random.Random, side: int, size: int) -> tuple[int, int]:
+    return rng.randrange(0, size - side + 1), rng.randrange(0, size - side + 1)
+
+
+def sample_family(family: str, index: int, rng: random.Random, num_frames: int = 8, size: int = 384) -> ProbeSample:
+    """Draw one sample of ``family`` with ``rng`` (no files).
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        index: position within the family; decides the answer (``OPTIONS[family][index % 4]``).
+        rng: the generator's private random stream.
+        num_frames: frames of the video (>= 2; ``count`` asks up to ``min(4, num_frames)`` flashes).
+        size: frame side in pixels.
+
+    Raises:
+        ValueError: unknown family or fewer than 2 frames.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown probe family {family!r}; known: {FAMILIES}")
+    if num_frames < 2:
+        raise ValueError(f"probe videos need at least 2 frames, got {num_frames}")
+    t = num_frames
+    big = round(BIG * size / 384)
+    answer = index % len(LETTERS)  # the answer cycles through the fixed options, so every letter is right as often
+    if family == "needle":
+        colour = COLOUR_NAMES[answer]
+        span = 2 if t >= 4 and rng.random() < 0.5 else 1
+        start = rng.randrange(0, t - span + 1)
+        x, y = _place(rng, big, size)
+        boxes = tuple(Box(start + k, x, y, big, colour) for k in range(span))
+        evidence = tuple(range(span))
+    elif family == "order":
+        first = COLOUR_NAMES[answer]
+        second = rng.choice([c for c in COLOUR_NAMES if c != first])
+        i, j = sorted(rng.sample(range(t), 2))
+        (x1, y1), (x2, y2) = _place(rng, big, size), _place(rng, big, size)
+        boxes = (Box(i, x1, y1, big, first), Box(j, x2, y2, big, second))
+        evidence = (0, 1)
+    elif family == "count":
+        k = min(answer + 1, t)
+        frames = sorted(rng.sample(range(t), k))
+        colour = rng.choice(COLOUR_NAMES)
+        x, y = _place(rng, big, size)
+        boxes = tuple(Box(f, x, y, big, colour) for f in frames)
+        evidence = tuple(range(k))
+    elif family == "detail":
+        colour = COLOUR_NAMES[answer]
+        small = round(SMALL * size / 384)
+        x, y = _place(rng, small, size)
+        boxes = tuple(Box(f, x, y, small, colour) for f in range(t))
+        evidence = tuple(range(t))
+    else:  # motion: a big square crosses the frame in one direction, linearly over the frames
+        direction = DIRECTIONS[answer]
+        colour = rng.choice(COLOUR_NAMES)
+        track = np.linspace(0, size - big, t).round().astype(int)
+        if direction in ("left", "up"):
+            track = track[::-1]
+        other = rng.randrange(0, size - big + 1)
+        horizontal = direction in ("left", "right")
+        boxes = tuple(
+            Box(f, int(track[f]) if horizontal else other, other if horizontal else int(track[f]), big, colour)
+            for f in range(t)
+        )
+        evidence = tuple(range(t))
+    return ProbeSample(family, index, OPTIONS[family], LETTERS[answer], boxes, evidence, t, size)
+
+
+def generate(
+    seed: int, per_family: int, families: Sequence[str] = FAMILIES, num_frames: int = 8, size: int = 384
+) -> list[ProbeSample]:
+    """Every sample of a probe set: ``per_family`` of each family, deterministic from ``seed``.
+
+    Each family draws from its own stream (seeded by ``seed`` and the family name), so adding a family or changing
+    ``per_family`` of one does not change another family's samples.
+    """
+    samples = []
+    for family in families:
+        rng = random.Random(f"vidprune-probe/{seed}/{family}")
+        samples += [sample_family(family, i, rng, num_frames, size) for i in range(per_family)]
+    return samples
+
+
+# -- the probe model's tokenizer ------------------------------------------------------------------------------------
+
+# Every word of the Qwen chat template (eval.families.llava_onevision.QWEN_SYSTEM/QWEN_ASSISTANT) and of the
+# questions, fixed here because the committed checkpoint's embedding rows are indexed by it (a test checks that no
+# prompt hits <unk>).
+PROBE_VOCAB = (
+    "<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "\n", ".", "?", "'", ",",
+    *LETTERS, *COLOURS, *COUNT_WORDS, *DIRECTIONS,
+    "system", "You", "are", "a", "helpful", "assistant", "user",
+    "What", "Which", "How", "colour", "was", "the", "flash", "came", "first", "many", "flashes", "were", "there",
+    "is", "small", "dot", "way", "does", "square", "move", "Answer", "with", "option", "s", "letter",
+)  # fmt: skip
+
+
+class ProbeTokenizer:
+    """Word-level ids over :data:`PROBE_VOCAB` for the probe model (``tokenizer: probe``).
+
+    Words, single punctuation marks, newlines and the chat markers are tokens; spaces are dropped; anything else is
+    ``<unk>``. Decoding joins the words with spaces (the model answers one letter).
+    """
+
+    _split = re.compile(r"<\|im_start\|>|<\|im_end\|>|<video>|<image>|\n|[A-Za-z]+|[^\sA-Za-z]")
+
+    def __init__(self) -> None:
+        self.ids = {w: i for i, w in enumerate(PROBE_VOCAB)}
+        self.unk_id = self.ids["<unk>"]
+        self.eos_token_ids = (self.ids["<|im_end|>"],)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(w, self.unk_id) for w in self._split.findall(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        words = [PROBE_VOCAB[i] for i in ids if 0 <= i < len(PROBE_VOCAB) and i not in self.eos_token_ids]
+        return " ".join(w for w in words if w != "<pad>")
+
+
+# -- rendering and evidence -----------------------------------------------------------------------------------------
+
+
+def render(sample: ProbeSample) -> np.ndarray:
+    """The video as ``[T, size, size, 3]`` uint8 frames."""
+    video = np.empty((sample.num_frames, sample.size, sample.size, 3), dtype=np.uint8)
+    video[:] = BACKGROUND
+    for b in sample.boxes:
+        video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] = COLOURS[b.colour]
+    return video
+
+
+def _cells(lo: int, hi: int, size: int, grid: int) -> range:
+    """Grid indices whose pixel span ``[i*size/grid, (i+1)*size/grid)`` overlaps pixels ``[lo, hi)``."""
+    return range(lo * grid // size, min(grid, -(-hi * grid // size)))
+
+
+def evidence_cells(sample: ProbeSample, grid: int = 14) -> list[list[Any]]:
+    """``[[frame, [cell, ...]], ...]``: the cells of the ``grid x grid`` pooled token grid that hold the evidence.
+
+    A cell counts when its pixel span overlaps an evidence box (pooling mixes every overlapping pixel into it).
+    """
+    by_frame: dict[int, set[int]] = {}
+    for i in sample.evidence_boxes:
+        b = sample.boxes[i]
+        cells = by_frame.setdefault(b.frame, set())
+        for r in _cells(b.y, b.y + b.side, sample.size, grid):
+            cells.update(r * grid + c for c in _cells(b.x, b.x + b.side, sample.size, grid))
+    return [[f, sorted(c)] for f, c in sorted(by_frame.items())]
+
+
+def evidence_tokens(evidence: Iterable[Sequence[Any]], grid: int = 14) -> list[int]:
+    """Visual-token indices (time-then-raster, ``frame * grid**2 + cell``) of ``evidence_cells`` output."""
+    return sorted(int(f) * grid * grid + int(c) for f, cells in evidence for c in cells)
+
+
+def evidence_retention(
+    evidence: Sequence[int], assignment: Any, kept: Sequence[Any] = ()
+) -> dict[str, float | list[float]]:
+    """Fraction of the evidence tokens that survive each stage of a pruning method.
+
+    A merged token survives when it contains an evidence token, so evidence "survives" the pre-LLM stage when its
+    input token is assigned to some output token, and an in-LLM stage when that output token is still kept.
+
+    Args:
+        evidence: ``[E]`` input visual-token indices of the evidence.
+        assignment: ``[N]`` long, ``PreLLMOutput.assignment``: the output token each input token became, -1 if dropped.
+        kept: per in-LLM stage, ``[k]`` indices into the pre-LLM output of the survivors (``PrefillStats.kept``).
+
+    Returns:
+        ``{"pre_llm": f, "stages": [f, ...]}``, each the fraction of ``evidence`` still present after that stage
+        (cumulative: a token dropped earlier stays dropped); 1.0 for all when there is no evidence.
+    """
+    import torch
+
+    ev = torch.as_tensor(list(evidence), dtype=torch.long)
+    assignment = torch.as_tensor(assignment).cpu()
+    if ev.numel() == 0:
+        return {"pre_llm": 1.0, "stages": [1.0] * len(kept)}
+    out = assignment[ev]
+    alive = out >= 0
+    result: dict[str, Any] = {"pre_llm": float(alive.float().mean()), "stages": []}
+    for k in kept:
+        survivors = torch.as_tensor(k).cpu()
+        alive = alive & torch.isin(out, survivors)
+        result["stages"].append(float(alive.float().mean()))
+    return result
+
+
+# -- writing the lmms-eval tasks ------------------------------------------------------------------------------------
+
+_UTILS = '''"""Generated by eval.probe.write_probe: the known-answer probe tasks, scored by exact letter match."""
+
+import os
+import re
+
+DATA_DIR = {data_dir!r}
+
+
+def probe_doc_to_visual(doc):
+    """[path] of the sample's frame folder."""
+    return [os.path.join(DATA_DIR, doc["video"])]
+
+
+def probe_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The question with its lettered options and the post-prompt."""
+    return doc["question"]
+
+
+def probe_parse(response):
+    """The first standalone option letter A-D in the response, or "" when none."""
+    found = re.search(r"\\b([ABCD])\\b", response or "")
+    return found.group(1) if found else ""
+
+
+def probe_process_results(doc, results):
+    """1.0 when the parsed letter is the answer."""
+    return {{"probe_accuracy": float(probe_parse(results[0]) == doc["answer"])}}
+'''
+
+_TASK = """# Generated by eval.probe.write_probe; edits are overwritten.
+task: probe_{family}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {annotation}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.probe_doc_to_visual
+doc_to_text: !function utils.probe_doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 1
+  until: []
+  do_sample: false
+process_results: !function utils.probe_process_results
+metric_list:
+  - metric: probe_accuracy
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_probe(
+    data_dir: Path | str,
+    seed: int,
+    per_family: int,
+    families: Sequence[str] = FAMILIES,
+    num_frames: int = 8,
+    size: int = 384,
+    grid: int = 14,
+) -> tuple[Path, list[str]]:
+    """Write a probe set and its lmms-eval tasks under ``data_dir`` (idempotent: same inputs, same bytes).
+
+    Layout::
+
+        <data_dir>/videos/<family>_<index>/<frame>.png     # one folder of PNG frames per sample
+        <data_dir>/probe/<family>.jsonl                    # one document per sample (question, answer, evidence)
+        <data_dir>/lmms_tasks/probe/probe_<family>.yaml    # the local lmms-eval task
+        <data_dir>/lmms_tasks/probe/utils.py
+
+    Args:
+        data_dir: output folder; one folder per (seed, frames, size) set, since a rewrite replaces the documents.
+        seed: the generator seed (the evaluation set uses one, training others).
+        per_family: samples per family (a multiple of 4 keeps every letter equally often right).
+        families: which families to write.
+        num_frames: frames per video; set it to the model's frame count, so frame sampling is the identity.
+        size: frame side in pixels (384 for SigLIP-384 backbones: no resize).
+        grid: side of the backbone's pooled token grid, for the evidence cells.
+
+    Returns:
+        ``(include_path, task_names)`` for ``lmms_eval.tasks.TaskManager(include_path=...)``.
+
+    Raises:
+        ValueError: an unknown family or fewer than one sample per family.
+    """
+    from PIL import Image
+
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown probe families {unknown}; known: {FAMILIES}")
+    if per_family < 1:
+        raise ValueError(f"benchmark.per_family must be >= 1, got {per_family}")
+    data_dir = Path(data_dir).resolve()
+    root = data_dir / "lmms_tasks" / "probe"
+    by_family: dict[str, list[ProbeSample]] = {}
+    for s in generate(seed, per_family, families, num_frames, size):
+        by_family.setdefault(s.family, []).append(s)
+    tasks = []
+    for family, samples in by_family.items():
+        docs = []
+        for s in samples:
+            video = f"videos/{family}_{s.index:04d}"
+            folder = data_dir / video
+            stamp = json.dumps(asdict(s))  # what the frames show; a folder is re-rendered when it differs
+            if not (folder / "done").is_file() or (folder / "done").read_text() != stamp:
+                folder.mkdir(parents=True, exist_ok=True)
+                for f, frame in enumerate(render(s)):
+                    Image.fromarray(frame).save(folder / f"{f:04d}.png")
+                (folder / "done").write_text(stamp)
+            docs.append(
+                {
+                    "id": f"{family}_{s.index:04d}",
+                    "family": family,
+                    "video": video,
+                    "question": s.question,
+                    "options": list(s.options),
+                    "answer": s.answer,
+                    "evidence": evidence_cells(s, grid),
+                    "grid": grid,
+                    "seed": seed,
+                }
+            )
+        annotation = data_dir / "probe" / f"{family}.jsonl"
+        _write_if_changed(annotation, "".join(json.dumps(d) + "\n" for d in docs).encode())
+        _write_if_changed(root / f"probe_{family}.yaml", _TASK.format(family=family, annotation=annotation).encode())
+        tasks.append(f"probe_{family}")
+    _write_if_changed(root / "utils.py", _UTILS.format(data_dir=str(data_dir)).encode())
+    return root.parent, tasks
+
+
+def model_vocab() -> dict[str, int]:
+    """The probe model's vocabulary settings for :func:`prune.adapters.llava_onevision.tiny_config`."""
+    return {
+        "vocab_size": len(PROBE_VOCAB),
+        "image_token_id": PROBE_VOCAB.index("<image>"),
+        "video_token_id": PROBE_VOCAB.index("<video>"),
+    }

@@ -1,0 +1,149 @@
+"""The known-answer probe generator: determinism, balance, rendering, evidence cells and retention, tasks. CPU, fast."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from eval.benchmarks import parse_ok, sample_score, task_benchmark, task_metric
+from eval.families.llava_onevision import QWEN_ASSISTANT, QWEN_SYSTEM
+from eval.probe import (
+    BACKGROUND,
+    CHANCE,
+    COLOURS,
+    FAMILIES,
+    LETTERS,
+    OPTIONS,
+    PROBE_VOCAB,
+    ProbeTokenizer,
+    evidence_cells,
+    evidence_retention,
+    evidence_tokens,
+    generate,
+    render,
+    sample_family,
+    write_probe,
+)
+from prune.adapters.preprocess import preprocess_video
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from train_probe import pixels_of  # noqa: E402
+
+
+def test_same_seed_same_set_other_seed_other_set():
+    a, b, c = generate(3, 8), generate(3, 8), generate(4, 8)
+    assert a == b
+    assert sum(x != y for x, y in zip(a, c, strict=True)) > 30
+    # A family's samples do not depend on which other families are drawn or how many.
+    assert generate(3, 4, families=["count"]) == [s for s in a if s.family == "count"][:4]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_letters_are_balanced_and_the_answer_is_what_the_video_shows(family):
+    samples = generate(0, 16, families=[family])
+    assert Counter(s.answer for s in samples) == dict.fromkeys(LETTERS, 4)
+    for s in samples:
+        assert s.options == OPTIONS[family]
+        correct = s.options[LETTERS.index(s.answer)]
+        boxes = s.boxes
+        if family in ("needle", "detail"):
+            assert {b.colour for b in boxes} == {correct}
+        elif family == "order":
+            assert boxes[0].frame < boxes[1].frame and boxes[0].colour == correct != boxes[1].colour
+        elif family == "count":
+            assert ["one", "two", "three", "four"][len({b.frame for b in boxes}) - 1] == correct
+        else:
+            first, last = min(boxes, key=lambda b: b.frame), max(boxes, key=lambda b: b.frame)
+            moved = {
+                "right": last.x - first.x,
+                "left": first.x - last.x,
+                "down": last.y - first.y,
+                "up": first.y - last.y,
+            }
+            assert moved[correct] > 200 and sorted(moved.values())[-2] <= 0
+
+
+def test_render_draws_exactly_the_boxes_on_a_plain_background():
+    s = sample_family("order", 0, random.Random(1), num_frames=8)
+    video = render(s)
+    assert video.shape == (8, 384, 384, 3) and video.dtype == np.uint8
+    drawn = {b.frame for b in s.boxes}
+    for f in range(8):
+        if f not in drawn:
+            assert (video[f] == BACKGROUND).all()
+    b = s.boxes[0]
+    assert (video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] == COLOURS[b.colour]).all()
+    assert (video[b.frame] != BACKGROUND).any(-1).sum() == b.side * b.side
+
+
+def test_training_pixels_equal_the_eval_preprocessing():
+    video = render(sample_family("detail", 1, random.Random(0), num_frames=4))
+    assert torch.equal(pixels_of(video), preprocess_video(video)[0])
+
+
+def test_evidence_cells_cover_the_box_on_the_pooled_grid():
+    s = sample_family("detail", 0, random.Random(0), num_frames=2)
+    b = s.boxes[0]
+    cells = evidence_cells(s, grid=14)
+    assert [f for f, _ in cells] == [0, 1]
+    step = 384 / 14
+    expect = sorted(
+        r * 14 + c
+        for r in range(14)
+        for c in range(14)
+        if r * step < b.y + b.side and (r + 1) * step > b.y and c * step < b.x + b.side and (c + 1) * step > b.x
+    )
+    assert cells[0][1] == expect
+    assert evidence_tokens(cells, 14) == expect + [196 + c for c in expect]
+
+
+def test_evidence_retention_counts_merged_and_dropped_tokens_per_stage():
+    # 6 input tokens; evidence = 0, 1, 4. Pre-LLM: 0 -> out 0, 1 merged into out 0, 4 dropped; then stage 1 keeps
+    # out 0 and out 2, stage 2 keeps out 2 only.
+    assignment = torch.tensor([0, 0, 1, 2, -1, 3])
+    r = evidence_retention([0, 1, 4], assignment, [torch.tensor([0, 2]), torch.tensor([2])])
+    assert r == {"pre_llm": pytest.approx(2 / 3), "stages": [pytest.approx(2 / 3), 0.0]}
+    assert evidence_retention([], assignment, [torch.tensor([0])]) == {"pre_llm": 1.0, "stages": [1.0]}
+
+
+def test_every_prompt_tokenizes_without_unknown_words():
+    tok = ProbeTokenizer()
+    for s in generate(0, 8):
+        ids = tok.encode(QWEN_SYSTEM + "\n" + s.question + QWEN_ASSISTANT)
+        assert tok.unk_id not in ids, [PROBE_VOCAB[i] for i in ids]
+    assert tok.decode([tok.ids["C"], tok.ids["<|im_end|>"]]) == "C"
+
+
+def test_write_probe_writes_tasks_documents_and_frames_idempotently(tmp_path):
+    include, tasks = write_probe(tmp_path, seed=5, per_family=4, num_frames=4)
+    assert tasks == [f"probe_{f}" for f in FAMILIES]
+    doc = json.loads((tmp_path / "probe" / "order.jsonl").read_text().splitlines()[0])
+    assert doc["answer"] == "A" and doc["grid"] == 14 and len(doc["evidence"]) == 2
+    frames = sorted((tmp_path / doc["video"]).glob("*.png"))
+    assert len(frames) == 4
+    task = yaml.load((include / "probe" / "probe_order.yaml").read_text(), Loader=yaml.BaseLoader)
+    assert task["task"] == "probe_order" and task["generation_kwargs"]["max_new_tokens"] == "1"
+    mtime = frames[0].stat().st_mtime_ns
+    write_probe(tmp_path, seed=5, per_family=4, num_frames=4)
+    assert frames[0].stat().st_mtime_ns == mtime  # unchanged samples are not re-rendered
+    with pytest.raises(ValueError, match="unknown probe families"):
+        write_probe(tmp_path, seed=5, per_family=4, families=["nope"])
+
+
+def test_probe_tasks_score_exact_letters():
+    assert task_benchmark("probe_motion") == "probe" and task_metric("probe_count") == ("probe_accuracy", 1.0)
+    assert sample_score("probe_needle", 1.0) == 1.0 and sample_score("probe_needle", 0.0) == 0.0
+    assert parse_ok("probe_needle", "B", {}) and parse_ok("probe_needle", " C.", {})
+    assert not parse_ok("probe_needle", "red", {}) and not parse_ok("probe_needle", "", {})
+    with pytest.raises(ValueError):
+        task_benchmark("probe_nope")
+    assert CHANCE == dict.fromkeys(FAMILIES, 0.25)
