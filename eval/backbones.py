@@ -146,6 +146,22 @@ class Backbone:
         """The family's chat prompt around ``context`` with one placeholder, as ``[1, S]`` ids."""
         return self.prompt(self, context)[0]
 
+    def check_context(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError when the unpruned prompt (text + every visual token) exceeds the LLM's context.
+
+        Checked on the unpruned count: the paired ``none`` run must fit for a fair comparison. The runner records
+        the message as the sample's failure.
+        """
+        context = getattr(self.adapter.llm.lm.config, "max_position_embeddings", None)
+        h, w = self.adapter.grid
+        visual = self.adapter.num_frames * h * w + self.adapter.separators_unpruned
+        text = int((input_ids != self.adapter.placeholder_id).sum())
+        if context and text + visual > context:
+            raise ValueError(
+                f"prompt too long: {text + visual} tokens ({text} text + {visual} visual) exceed the model's context "
+                f"of {context} tokens"
+            )
+
     def prepare(self, video: str, context: str) -> Prepared:
         """Decode, sample and preprocess ``video`` and build the prompt for ``context``."""
         t0 = time.perf_counter()
@@ -178,6 +194,7 @@ class Backbone:
             The answer text and the per-sample stats.
         """
         sample = self.prepare(video, context)
+        self.check_context(sample.input_ids)
         max_new = int(gen_kwargs.get("max_new_tokens") or 16)
         run = functools.partial(
             self.adapter.generate,
