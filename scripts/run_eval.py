@@ -8,13 +8,18 @@ code 2, before any model or data loads. A full disk or a cell held by another ru
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# configs/eval.yaml puts Hydra's own logs under ${vidprune_path:${results_dir}}: results_dir resolved as the runner
+# resolves it (relative to the repository), so a run started from any folder writes nowhere else.
+OmegaConf.register_new_resolver("vidprune_path", lambda p: os.path.abspath(ROOT / str(p)), replace=True)
 
 EXIT_OPTION = 2  # the user can fix it in the command line or the configs
 EXIT_ENVIRONMENT = 3  # the machine is in the way: a full disk, a read-only folder, another run on the cell
