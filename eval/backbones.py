@@ -150,9 +150,9 @@ class Backbone:
         """Raise ValueError when the unpruned prompt (text + every visual token) exceeds the LLM's context.
 
         Checked on the unpruned count: the paired ``none`` run must fit for a fair comparison. The runner records
-        the message as the sample's failure. A family whose adapter has its own length rule (ST-LLM's
-        ``max_input_tokens``: the official code feeds 64 x 32 visual tokens plus text past Vicuna's 2048 positions,
-        or left-truncates) is left to that rule.
+        the message as the sample's failure. An adapter with its own length rule (a ``max_input_tokens`` attribute:
+        a family whose official code runs past the LLM's trained positions, or left-truncates the prompt) is left to
+        that rule.
         """
         if hasattr(self.adapter, "max_input_tokens"):
             return
