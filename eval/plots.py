@@ -114,8 +114,8 @@ def _panel(ax, cell: pd.DataFrame, metric: str, x: str, colours: dict[str, str],
         rows = rows.sort_values(x)
         xs, ys = rows[x].astype(float).to_numpy(), rows[metric].astype(float).to_numpy()
         (line,) = ax.plot(xs, ys, marker="o", color=colours[method], label=method, gid=f"{gid}-{method}")
-        bounds = {"accuracy": ("ci_low", "ci_high"), "ttft_speedup": ("ttft_ci_low", "ttft_ci_high")}[metric]
-        if bounds[0] in rows.columns:
+        bounds = {"accuracy": ("ci_low", "ci_high"), "ttft_speedup": ("ttft_ci_low", "ttft_ci_high")}.get(metric)
+        if bounds is not None and bounds[0] in rows.columns:
             low, high = rows[bounds[0]].astype(float).to_numpy(), rows[bounds[1]].astype(float).to_numpy()
             has = ~(np.isnan(low) | np.isnan(high))
             if has.any():
