@@ -146,6 +146,26 @@ class Backbone:
         """The family's chat prompt around ``context`` with one placeholder, as ``[1, S]`` ids."""
         return self.prompt(self, context)[0]
 
+    def check_context(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError when the unpruned prompt (text + every visual token) exceeds the LLM's context.
+
+        Checked on the unpruned count: the paired ``none`` run must fit for a fair comparison. The runner records
+        the message as the sample's failure. An adapter with its own length rule (a ``max_input_tokens`` attribute:
+        a family whose official code runs past the LLM's trained positions, or left-truncates the prompt) is left to
+        that rule.
+        """
+        if hasattr(self.adapter, "max_input_tokens"):
+            return
+        context = getattr(self.adapter.llm.lm.config, "max_position_embeddings", None)
+        h, w = self.adapter.grid
+        visual = self.adapter.num_frames * h * w + self.adapter.separators_unpruned
+        text = int((input_ids != self.adapter.placeholder_id).sum())
+        if context and text + visual > context:
+            raise ValueError(
+                f"prompt too long: {text + visual} tokens ({text} text + {visual} visual) exceed the model's context "
+                f"of {context} tokens"
+            )
+
     def prepare(self, video: str, context: str) -> Prepared:
         """Decode, sample and preprocess ``video`` and build the prompt for ``context``."""
         t0 = time.perf_counter()
@@ -178,6 +198,7 @@ class Backbone:
             The answer text and the per-sample stats.
         """
         sample = self.prepare(video, context)
+        self.check_context(sample.input_ids)
         max_new = int(gen_kwargs.get("max_new_tokens") or 16)
         run = functools.partial(
             self.adapter.generate,

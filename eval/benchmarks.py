@@ -30,6 +30,7 @@ Scoring caveats this module exists to work around (see `sample_score` and `parse
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import re
 import string
@@ -42,11 +43,14 @@ import yaml
 
 __all__ = [
     "BENCHMARKS",
+    "DATA_ERROR",
     "LOCAL_TASKS_DIR",
     "MVBENCH_SUBTASK_FOLDERS",
     "PROCESS_DOCS_PARALLEL",
     "Benchmark",
     "OptionalTask",
+    "check_row",
+    "checked_annotations",
     "guarded_doc_to_visual",
     "parse_ok",
     "sample_score",
@@ -54,6 +58,9 @@ __all__ = [
     "task_metric",
     "write_local_tasks",
 ]
+
+DATA_ERROR = "_vidprune_data_error"
+"""Field of a document whose annotation row is bad: the one-line error; the model records the sample as failed."""
 
 LOCAL_TASKS_DIR = "lmms_tasks"
 """Folder under the data directory that `write_local_tasks` fills; pass it as lmms-eval's include_path."""
@@ -473,6 +480,141 @@ def _write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Annotation rows: checked before lmms-eval reads them
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _text(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        return f"{key!r} must be a non-empty string, got {value!r}"
+    return None
+
+
+def _options(row: dict, key: str, low: int, high: int) -> str | None:
+    value = row.get(key)
+    if not isinstance(value, list) or not low <= len(value) <= high:
+        return f"{key!r} must be a list of {low}-{high} options, got {value!r}"
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        return f"{key!r} has an empty or non-string option: {value!r}"
+    return None
+
+
+def _videomme_values() -> dict[str, list[str]]:
+    """The metadata values lmms-eval's Video-MME aggregation knows (any other raises KeyError after the run)."""
+    from lmms_eval.tasks.videomme import utils
+
+    return {
+        "duration": list(utils.VIDEO_TYPE),
+        "domain": list(utils.CATEGORIES),
+        "sub_category": list(utils.SUB_CATEGORIES),
+        "task_type": list(utils.TASK_CATEGORIES),
+    }
+
+
+def check_row(bench: str, row: Any) -> str | None:
+    """What is wrong with one annotation row of `bench` for lmms-eval's task code, or None when nothing is.
+
+    Checks the fields the built-in prompt, scoring and aggregation read: the video reference, the question, the
+    options (present, non-empty, as many as the task's extractor handles), the answer (among the options) and
+    Video-MME's metadata (values its aggregation has a bucket for).
+    """
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    problems: list[str | None] = [_text(row, "question")]
+    if bench == "mvbench":
+        problems += [_text(row, "video"), _options(row, "candidates", 2, 5)]
+        if not problems[-1] and row.get("answer") not in row["candidates"]:
+            problems.append(f"answer {row.get('answer')!r} is not among the candidates {row['candidates']!r}")
+    elif bench == "videomme":
+        problems += [_text(row, "videoID"), _options(row, "options", 2, 4)]
+        letters = "ABCD"[: len(row["options"])] if not problems[-1] else "ABCD"
+        if not isinstance(row.get("answer"), str) or row["answer"] not in letters:
+            problems.append(f"answer {row.get('answer')!r} is not one of the option letters {list(letters)}")
+        if not any(problems):
+            for key, known in _videomme_values().items():
+                if row.get(key) not in known:
+                    problems.append(f"unknown {key} {row.get(key)!r} (lmms-eval's Video-MME knows {len(known)})")
+                    break
+    elif bench == "egoschema":
+        problems += [_text(row, "video_idx"), _options(row, "option", 5, 5)]
+        answer = row.get("answer")
+        if "answer" in row and answer is not None and (isinstance(answer, bool) or answer not in range(5)):
+            problems.append(f"answer {answer!r} is not an option index 0-4")
+    elif bench == "nextqa":
+        if not isinstance(row.get("video"), int | str) or isinstance(row.get("video"), bool):
+            problems.append(f"'video' must be a video id, got {row.get('video')!r}")
+        problems += [_text(row, f"a{i}") for i in range(5)]
+        answer = row.get("answer")
+        if isinstance(answer, bool) or answer not in range(5):
+            problems.append(f"answer {answer!r} is not an option index 0-4")
+    return next((p for p in problems if p), None)
+
+
+def _placeholder(bench: str, template: dict | None) -> dict:
+    """A document lmms-eval's task code can prompt, score and aggregate without error (never sent to a model)."""
+    if template is not None:
+        return dict(template)
+    return {
+        "mvbench": {"video": "missing.mp4", "question": "-", "candidates": ["-", "--"], "answer": "-"},
+        "videomme": {
+            "videoID": "missing",
+            "question": "-",
+            "options": ["A. -", "B. -"],
+            "answer": "A",
+            "duration": "short",
+            "domain": "Knowledge",
+            "sub_category": "Humanity & History",
+            "task_type": "Counting Problem",
+            "question_id": "-",
+            "video_id": "-",
+        },
+        "egoschema": {
+            "video_idx": "missing",
+            "question": "-",
+            "option": ["A. -"] * 5,
+            "answer": 0,
+            "question_idx": "-",
+        },
+        "nextqa": {"video": 0, "question": "-", "answer": 0, "qid": 0, "type": "-", **{f"a{i}": "-" for i in range(5)}},
+    }[bench]
+
+
+def checked_annotations(bench: str, source: Path) -> tuple[str, list[str]]:
+    """The annotation jsonl with every bad row replaced by a placeholder that carries the row's error.
+
+    Blank lines are skipped (as JSON-lines readers do). A bad row (malformed JSON, missing or empty options, an
+    answer not among them, unknown metadata) keeps its position, so document ids stay those of the file; its
+    document gets :data:`DATA_ERROR` = ``"<file>:<line>: <problem>"`` and the model records it as a failed sample
+    without running it. The placeholder copies the first good row's fields, so the column types stay consistent.
+
+    Returns:
+        The jsonl text to give lmms-eval, and one message per bad row.
+    """
+    rows, errors = [], []
+    for number, line in enumerate(source.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            row, problem = None, f"malformed JSON ({err.msg} at column {err.colno})"
+        else:
+            problem = check_row(bench, row)
+        rows.append((number, row, problem))
+    template = next((row for _, row, problem in rows if problem is None), None)
+    out = []
+    for number, row, problem in rows:
+        if problem is None:
+            out.append(row)
+            continue
+        message = f"{source}:{number}: {problem}"
+        errors.append(message)
+        out.append({**_placeholder(bench, template), DATA_ERROR: message})
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), errors
+
+
 def _mvbench_subtasks(data_dir: Path, requested: Sequence[str] | None) -> list[str]:
     """Subtasks to write: `requested`, or every subtask with an annotation file under `data_dir`."""
     bench = BENCHMARKS["mvbench"]
@@ -488,24 +630,31 @@ def _mvbench_subtasks(data_dir: Path, requested: Sequence[str] | None) -> list[s
 
 
 def write_local_tasks(
-    data_dir: Path, names: Sequence[str], mvbench_subtasks: Sequence[str] | None = None
+    data_dir: Path,
+    names: Sequence[str],
+    mvbench_subtasks: Sequence[str] | None = None,
+    out_dir: Path | None = None,
 ) -> tuple[Path, list[str]]:
     """Write an lmms-eval task folder that runs the given benchmarks offline from `data_dir`.
 
     Layout written (one folder per benchmark, so a run imports only the built-in utils it needs)::
 
-        <data_dir>/lmms_tasks/<bench>/utils.py                 # re-exports + our doc_to_visual
-        <data_dir>/lmms_tasks/mvbench/mvbench_<sub>_local.yaml  # one per subtask
-        <data_dir>/lmms_tasks/videomme/videomme_local.yaml      # likewise egoschema_local, nextqa_mc_local
+        <root>/<bench>/utils.py                 # re-exports + our doc_to_visual (root: out_dir or data_dir/lmms_tasks)
+        <root>/<bench>/data/<annotation>.jsonl  # the checked annotation copy
+        <root>/mvbench/mvbench_<sub>_local.yaml  # one per subtask
+        <root>/videomme/videomme_local.yaml      # likewise egoschema_local, nextqa_mc_local
 
-    Each YAML reads `<data_dir>/<Benchmark.annotation>` with `dataset_path: json` and copies prompts, generation
-    settings and scoring from the built-in task. Files are rewritten only when their content changes; files
-    written earlier for other benchmarks or subtasks are left in place.
+    Each YAML reads a checked copy of `<data_dir>/<Benchmark.annotation>` (`<root>/<bench>/data/`, see
+    `checked_annotations`: a bad row becomes a recorded failed sample) with `dataset_path: json` and copies
+    prompts, generation settings and scoring from the built-in task. Files are rewritten only when their content
+    changes; files written earlier for other benchmarks or subtasks are left in place.
 
     Args:
         data_dir: benchmark data laid out like the built-in tasks' `$HF_HOME` cache (see `Benchmark`).
         names: benchmarks to write, keys of `BENCHMARKS`.
         mvbench_subtasks: MVBench subtasks to write; default: every subtask with an annotation in `data_dir`.
+        out_dir: where the task folder goes (the runner passes one under `results_dir`, so a read-only dataset
+            works); default `<data_dir>/lmms_tasks`.
 
     Returns:
         `(include_path, task_names)`: pass `include_path` to `lmms_eval.tasks.TaskManager(include_path=...)`
@@ -516,7 +665,7 @@ def write_local_tasks(
         FileNotFoundError: a requested benchmark (or subtask) has no annotation file under `data_dir`.
     """
     data_dir = Path(data_dir).resolve()
-    root = data_dir / LOCAL_TASKS_DIR
+    root = Path(out_dir) if out_dir is not None else data_dir / LOCAL_TASKS_DIR
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; known: {sorted(BENCHMARKS)}")
@@ -531,7 +680,13 @@ def write_local_tasks(
             annotation = bench.annotation_path(data_dir, sub)
             if not annotation.is_file():
                 raise FileNotFoundError(f"{bench.local_task_name(sub)}: annotation {annotation} not found")
+            checked, errors = checked_annotations(name, annotation)
+            for message in errors:
+                print(f"[vidprune] bad annotation row {message}; the sample is recorded as failed")
+            copy = root / name / "data" / annotation.name
+            _write_if_changed(copy, checked)
             config = _local_task_config(bench, data_dir, sub)
+            config["dataset_kwargs"] = {"data_files": {"test": str(copy)}}
             functions |= _functions(config)
             text = yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True, width=120)
             # PyYAML quotes every explicitly tagged scalar; lmms-eval's YAMLs write `!function utils.fn` plain.

@@ -7,11 +7,12 @@ model can compose a config without an import circle.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONFIGS", "REPO", "compose_config", "make_backbone", "make_strategy"]
+__all__ = ["CONFIGS", "REPO", "compose_config", "make_backbone", "make_paired_backbones", "make_strategy"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -28,14 +29,10 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def make_strategy(cfg: DictConfig):
-    """Instantiate ``cfg.prune`` (raises ValueError naming the accepted range for a bad ratio)."""
-    from hydra.utils import instantiate
+    """Instantiate ``cfg.prune``; a bad setting (e.g. a ratio outside (0, 1]) raises a one-line OptionError."""
+    from eval.options import build_strategy
 
-    try:
-        return instantiate(cfg.prune)
-    except Exception as err:  # Hydra wraps the strategy's ValueError
-        cause = err.__cause__ or err
-        raise ValueError(f"prune={cfg.prune._target_.rsplit('.', 1)[-1]}: {cause}") from err
+    return build_strategy(cfg)
 
 
 def make_backbone(cfg: DictConfig):
@@ -44,3 +41,20 @@ def make_backbone(cfg: DictConfig):
 
     strategy = make_strategy(cfg)
     return build_backbone(OmegaConf.to_container(cfg.model, resolve=True), strategy, cfg.device)
+
+
+def make_paired_backbones(cfg: DictConfig, base_cfg: DictConfig):
+    """The ``none`` and the pruned backbone on one loaded model (paired timing without a second copy of the weights).
+
+    ``none`` is installed first: the scoring kernel reports to the handle installed last, and a handle's hooks do
+    nothing while its own generate is not running, so each backbone runs exactly as it would alone.
+
+    Returns:
+        ``(none_backbone, pruned_backbone)``.
+    """
+    from eval.backbones import FAMILIES, build_backbone
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    none = build_backbone(model_cfg, make_strategy(base_cfg), cfg.device)
+    adapter = FAMILIES[model_cfg["family"]].adapter(none.adapter.model, make_strategy(cfg), model_cfg)
+    return none, dataclasses.replace(none, adapter=adapter, warm=False)

@@ -22,6 +22,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from eval.records import write_atomic
+
 __all__ = ["Cell", "Experiment", "build_table", "load_experiment", "split_overrides", "sweep_commands"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,10 +215,12 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
     Columns: ``model``, ``prune``, ``ratio``, ``retained_pct`` (layer-averaged visual tokens), ``flops_ratio``, per
     benchmark ``<b>`` (accuracy), ``<b>_delta``, ``<b>_ci_low``/``<b>_ci_high`` (paired bootstrap of Δ vs none, 95 %),
     ``<b>_published`` and ``<b>_vs_published``, ``<b>_evidence_final_pct`` (known-answer probe: evidence tokens reaching
-    the last layer, else empty), then ``ttft_speedup`` (median over benchmarks), ``peak_memory_gib``
-    (largest) and ``records`` (the record files behind the row).
+    the last layer, else empty), ``<b>_ttft_speedup`` with ``<b>_ttft_ci_low``/``_high``, then ``ttft_speedup`` (the
+    median of the row's paired per-sample TTFT ratios over its benchmarks) with ``ttft_ci_low``/``_high`` (bootstrap
+    95 %) and ``ttft_note`` (``n.s.`` when the CI includes 1, ``unpaired`` for a ratio of medians without a CI),
+    ``peak_memory_gib`` (largest) and ``records`` (the record files behind the row).
     """
-    from eval.stats import compare_runs
+    from eval.stats import compare_runs, ratio_ci
 
     results_dir = Path(results_dir)
     pub = _published(exp)
@@ -226,7 +230,8 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
         keys = dict.fromkeys((c.prune, c.ratio) for c in cells if c.model == model)
         for prune, ratio in keys:
             row: dict[str, Any] = {"model": model, "prune": prune, "ratio": ratio}
-            retained, flops, speedups, memory, records = [], [], [], [], []
+            retained, flops, memory, records = [], [], [], []
+            ratios, unpaired = [], []
             for bench in exp.benchmarks:
                 cell, base = Cell(model, bench, prune, ratio), Cell(model, bench, "none", 1.0)
                 rec = _load(cell, results_dir)
@@ -252,17 +257,32 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
                         delta.low,
                         delta.high,
                     )
-                    if rec.get("ttft_ms_median") and ref.get("ttft_ms_median"):
-                        speedups.append(ref["ttft_ms_median"] / rec["ttft_ms_median"])
-                        row[f"{bench}_ttft_speedup"] = speedups[-1]
+                    bench_ratios = _ttft_ratios(folders[0])
+                    if bench_ratios:  # paired: per-sample none/pruned TTFT, timed back-to-back
+                        ratios += bench_ratios
+                        ci = ratio_ci(bench_ratios, n_boot=n_boot)
+                        row[f"{bench}_ttft_speedup"] = ci["median"]
+                        row[f"{bench}_ttft_ci_low"], row[f"{bench}_ttft_ci_high"] = ci["low"], ci["high"]
+                    elif rec.get("ttft_ms_median") and ref.get("ttft_ms_median"):  # separate runs: no CI
+                        unpaired.append(ref["ttft_ms_median"] / rec["ttft_ms_median"])
+                        row[f"{bench}_ttft_speedup"] = unpaired[-1]
                 elif prune == "none":
-                    speedups.append(1.0)
                     row[f"{bench}_ttft_speedup"] = 1.0
             vals = [v for v in retained if v is not None]
             row["retained_pct"] = sum(vals) / len(vals) if vals else None
             vals = [v for v in flops if v is not None]
             row["flops_ratio"] = sum(vals) / len(vals) if vals else None
-            row["ttft_speedup"] = float(pd.Series(speedups).median()) if speedups else None
+            if prune == "none":
+                row["ttft_speedup"], row["ttft_note"] = (1.0, "") if records else (None, "")
+            elif ratios and not unpaired:  # the row pools every benchmark's paired ratios
+                ci = ratio_ci(ratios, n_boot=n_boot)
+                row["ttft_speedup"], row["ttft_ci_low"], row["ttft_ci_high"] = ci["median"], ci["low"], ci["high"]
+                row["ttft_note"] = "" if ci["significant"] else "n.s."
+            elif ratios or unpaired:  # some benchmark was timed in separate runs: no CI for the row
+                row["ttft_speedup"] = float(pd.Series([*unpaired, *ratios]).median())
+                row["ttft_note"] = "unpaired"
+            else:
+                row["ttft_speedup"], row["ttft_note"] = None, ""
             vals = [v for v in memory if v is not None]
             row["peak_memory_gib"] = max(vals) / 2**30 if vals else None
             row["records"] = ";".join(records)
@@ -271,9 +291,29 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
     for bench in exp.benchmarks:
         columns += [bench, f"{bench}_delta", f"{bench}_ci_low", f"{bench}_ci_high"]
         columns += [f"{bench}_published", f"{bench}_vs_published", f"{bench}_ttft_speedup"]
-        columns += [f"{bench}_evidence_final_pct"]
-    columns += ["ttft_speedup", "peak_memory_gib", "records"]
+        columns += [f"{bench}_evidence_final_pct", f"{bench}_ttft_ci_low", f"{bench}_ttft_ci_high"]
+    columns += ["ttft_speedup", "ttft_ci_low", "ttft_ci_high", "ttft_note", "peak_memory_gib", "records"]
     return pd.DataFrame(rows).reindex(columns=columns), missing
+
+
+def _ttft_ratios(run_dir: Path) -> list[float]:
+    """The per-sample paired TTFT ratios (none / pruned) a cell's ``scores.jsonl`` holds; empty when unpaired."""
+    path = Path(run_dir) / "scores.jsonl"
+    if not path.is_file():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [float(r["ttft_ratio"]) for r in rows if r.get("ttft_ratio")]
+
+
+def _ttft_cell(row: pd.Series, latex: bool = False) -> str:
+    """``1.71 [0.76, 2.43] n.s.``: the speed-up, its paired bootstrap CI and whether it is significant."""
+    text = _num(row.ttft_speedup, ".2f")
+    if text and not pd.isna(row.get("ttft_ci_low")):
+        text += f" [{row.ttft_ci_low:.2f}, {row.ttft_ci_high:.2f}]"
+    note = row.get("ttft_note")
+    if text and isinstance(note, str) and note:
+        text += f" {note}"
+    return text
 
 
 def _num(value, spec: str) -> str:
@@ -308,7 +348,7 @@ def _display_rows(exp: Experiment, frame: pd.DataFrame, latex: bool = False) -> 
                 _num(row.retained_pct, ".1f"),
                 _num(row.flops_ratio, ".3f"),
                 *[_acc_cell(row, b, latex) for b in exp.benchmarks],
-                _num(row.ttft_speedup, ".2f"),
+                _ttft_cell(row, latex),
                 _num(row.peak_memory_gib, ".2f"),
             ]
         )
@@ -344,7 +384,7 @@ def build_table(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> dict[
     out = results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
     csv, md, tex = (out / f"{exp.name}.{ext}" for ext in ("csv", "md", "tex"))
-    frame.to_csv(csv, index=False)
+    write_atomic(csv, frame.to_csv(index=False))
     header, body = _display_rows(exp, frame)
     lines = [
         f"<!-- generated by `make tables exp={exp.name}` from results/runs/**/record.json; do not edit -->",
@@ -352,7 +392,10 @@ def build_table(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> dict[
         "",
         "Accuracy in %; (Δ vs none ± half-width of the paired bootstrap 95 % CI over the same samples); "
         "[pub: the published number, ours − published]. Retained % is the layer-averaged share of visual tokens; "
-        "FLOPs × the prefill FLOPs ratio (FastV convention); TTFT × the speed-up over none.",
+        "FLOPs × the prefill FLOPs ratio (FastV convention); TTFT × the speed-up over none: the median of per-sample "
+        "TTFT ratios, none and the method timed back-to-back in one process, [bootstrap 95 % CI]; n.s. = the CI "
+        "includes 1.0 (not a significant speed-up on these samples); unpaired = a ratio of medians from separate "
+        "runs, no CI. Clean speed-up claims come from `make bench`.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -363,8 +406,8 @@ def build_table(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> dict[
     if missing:
         lines += ["", f"## Missing cells ({len(missing)})", "", f"All at once: `make sweep exp={exp.name}`.", ""]
         lines += [f"- `{c.command()}`" for c in missing]
-    md.write_text("\n".join(lines) + "\n")
-    tex.write_text(_latex(exp, frame))
+    write_atomic(md, "\n".join(lines) + "\n")
+    write_atomic(tex, _latex(exp, frame))
     paths = [md, csv, tex]
     if any(len(rs) > 1 for _, rs in exp.methods):
         paths += _plots(exp, frame, out)
@@ -383,6 +426,8 @@ def _plots(exp: Experiment, frame: pd.DataFrame, out: Path) -> list[Path]:
             entry = {"model": row.model, "benchmark": bench, "prune": row.prune, "ratio": row.ratio, "accuracy": acc}
             entry["ttft_speedup"] = row.get(f"{bench}_ttft_speedup")
             entry["evidence_final_pct"] = row.get(f"{bench}_evidence_final_pct")
+            entry["ttft_ci_low"] = row.get(f"{bench}_ttft_ci_low")
+            entry["ttft_ci_high"] = row.get(f"{bench}_ttft_ci_high")
             low = row.get(f"{bench}_ci_low")
             if row.prune != "none" and low is not None and not pd.isna(low):  # CI of Δ, shifted to accuracy units
                 base = acc - row[f"{bench}_delta"]

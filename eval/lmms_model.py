@@ -18,16 +18,19 @@ sample returns ``FAILED_ANSWER``, which no task parses as an option, and the har
 from __future__ import annotations
 
 import traceback
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from eval.backbones import Backbone
-from eval.benchmarks import guarded_doc_to_visual
+from eval.benchmarks import DATA_ERROR, guarded_doc_to_visual
+from eval.keys import answer_key, timing_key, video_fingerprint
 from eval.records import SampleLog
 
-__all__ = ["FAILED_ANSWER", "VidPruneLMM", "manifests"]
+__all__ = ["FAILED_ANSWER", "Partner", "VidPruneLMM", "manifests"]
 
 FAILED_ANSWER = "[vidprune: sample failed]"
 
@@ -49,6 +52,19 @@ def _evidence(doc: Any) -> dict[str, Any]:
     return {"evidence": evidence_tokens(doc["evidence"], grid), "evidence_grid": grid}
 
 
+@dataclass
+class Partner:
+    """The paired ``none`` run timed back-to-back with each pruned sample (``paired_timing``).
+
+    Attributes:
+        backbone: the ``none`` backbone, sharing the pruned backbone's weights.
+        log: the ``none`` cell's sample log; a sample it has no reusable answer for is appended to it.
+    """
+
+    backbone: Backbone
+    log: SampleLog
+
+
 class VidPruneLMM(lmms):
     """lmms-eval simple model over a pruned backbone.
 
@@ -58,6 +74,9 @@ class VidPruneLMM(lmms):
         model, prune, ratio, overrides: CLI route: names of ``configs/model`` and ``configs/prune`` options, the ratio
             and extra Hydra overrides (space separated), composed from ``configs/eval.yaml``.
         max_new_tokens: overrides the task's generation length when set.
+        timing: this run's :func:`eval.keys.timing_env` (runner route).
+        retime: re-run a sample whose answer is reusable but was timed in another environment.
+        partner: the ``none`` run to time back-to-back with every sample (runner route, paired timing).
     """
 
     is_simple = True
@@ -72,6 +91,9 @@ class VidPruneLMM(lmms):
         overrides: str = "",
         max_new_tokens: int | None = None,
         progress: bool = True,
+        timing: dict[str, Any] | None = None,
+        retime: bool = True,
+        partner: Partner | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -84,41 +106,127 @@ class VidPruneLMM(lmms):
             cfg = compose_config([f"model={model}", f"prune={prune}", f"ratio={ratio}", *extra])
             backbone = make_backbone(cfg)
         self.backbone, self.log, self.max_new_tokens, self.progress = backbone, sample_log, max_new_tokens, progress
+        self.timing = dict(timing or {})
+        self.timing_key = timing_key(self.timing)
+        self.retime, self.partner = retime, partner
         self.n_failed = 0
+        self.used: dict[tuple[str, int], dict[str, Any]] = {}  # this run's entry of every sample, for scoring
+        self.resume: Counter[str] = Counter()  # how each sample was obtained (see runner's record field "resume")
+        self._timed = 0  # samples timed in this process: alternates which of a pair goes first
 
     def generate_until(self, requests) -> list[str]:
         answers = []
         for request in tqdm(requests, desc=f"vidprune {self.backbone.name}", disable=not self.progress):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            cached = self.log.get(task, doc_id) if self.log else None
-            if cached is not None:  # resume: this configuration already answered this sample
-                answers.append(cached["prediction"])
-                continue
-            answers.append(self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split))
+            gen_kwargs = dict(gen_kwargs)
+            if self.max_new_tokens:
+                gen_kwargs["max_new_tokens"] = self.max_new_tokens
+            entry = self._sample(context, gen_kwargs, doc_to_visual, int(doc_id), task, split)
+            self.used[(task, int(doc_id))] = entry
+            answers.append(entry["prediction"])
         return answers
 
-    def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split) -> str:
-        if self.max_new_tokens:
-            gen_kwargs["max_new_tokens"] = self.max_new_tokens
-        entry: dict[str, Any] = {"task": task, "doc_id": int(doc_id), "split": split}
+    def _sample(self, context, gen_kwargs, doc_to_visual, doc_id, task, split) -> dict[str, Any]:
+        """This run's entry for one sample: reused from the log when its keys allow, else computed and appended."""
         doc = self.task_dict[task][split][doc_id]
         visuals, error = guarded_doc_to_visual(doc_to_visual, doc)
         if error is None and (not visuals or not isinstance(visuals[0], str)):
             error = f"expected one video path from doc_to_visual, got {visuals!r}"
-        if error is None:
-            entry["video"] = visuals[0]
-            try:
-                text, stats = self.backbone.answer(visuals[0], context, gen_kwargs, **_evidence(doc))
-                entry.update(prediction=text, failed=False, stats=stats)
-            except Exception as err:  # recorded per sample; the run goes on
-                error = f"{type(err).__name__}: {err}"
-                entry["traceback"] = traceback.format_exc(limit=5)
+        data_error = doc.get(DATA_ERROR) if isinstance(doc, dict) else None
+        video = visuals[0] if error is None else None
+        fingerprint = video_fingerprint(video)
+        settings = self.log.hash if self.log is not None else ""
+        key = answer_key(settings, task, doc_id, doc, context, gen_kwargs, video, fingerprint)
+        base = {"task": task, "doc_id": doc_id, "split": split, "answer_key": key}
+        if video is not None:
+            base["video"] = video
+        if self.log is not None:
+            previous, reason = self.log.lookup(task, doc_id, key, self.timing_key, self.retime)
+            if reason == "reuse":
+                self.resume["reused"] += 1
+                if self.timing_key != previous.get("timing_key"):
+                    self.resume["reused_timed_elsewhere"] += 1
+                return previous
+            self.resume[reason] += 1
+            retried = previous is not None and previous.get("failed")
+        else:
+            retried = False
+        if data_error is not None:  # a bad annotation row: recorded, counted, never sent to the model
+            error = data_error
+        partner = self._partner_key(task, doc_id, doc, context, gen_kwargs, video, fingerprint)
         if error is not None:
-            self.n_failed += 1
-            entry.update(prediction=FAILED_ANSWER, failed=True, error=error)
+            entry = self._failed(base, error)
+            if partner is not None:
+                self._partner_append(partner, {**base, "answer_key": partner[0]}, error=error)
+        else:
+            entry = self._run(base, video, context, gen_kwargs, partner, _evidence(doc))
+        if retried:
+            self.resume["retried_failed"] += 1
+            self.resume["retried_still_failed"] += int(bool(entry["failed"]))
         if self.log is not None:
             self.log.append(entry)
-        return entry["prediction"]
+        return entry
+
+    def _partner_key(self, task, doc_id, doc, context, gen_kwargs, video, fingerprint):
+        if self.partner is None:
+            return None
+        plog = self.partner.log
+        key = answer_key(plog.hash, task, doc_id, doc, context, gen_kwargs, video, fingerprint)
+        previous, reason = plog.lookup(task, doc_id, key, self.timing_key, self.retime)
+        return key, reason
+
+    def _failed(self, base: dict[str, Any], error: str, trace: str | None = None) -> dict[str, Any]:
+        self.n_failed += 1
+        entry = {**base, "prediction": FAILED_ANSWER, "failed": True, "error": error}
+        if trace:
+            entry["traceback"] = trace
+        return entry
+
+    def _timed_answer(self, backbone: Backbone, video: str, context: str, gen_kwargs, extra) -> tuple[Any, Any, Any]:
+        try:
+            text, stats = backbone.answer(video, context, gen_kwargs, **extra)
+            return text, stats, None
+        except Exception as err:  # recorded per sample; the run goes on
+            return None, None, (f"{type(err).__name__}: {err}", traceback.format_exc(limit=5))
+
+    def _run(self, base, video, context, gen_kwargs, partner, extra) -> dict[str, Any]:
+        """Answer one sample; with a partner, time ``none`` back-to-back, alternating which one goes first."""
+        stamp = {"timing_key": self.timing_key, "timing_env": self.timing}
+        none_first = partner is not None and self._timed % 2 == 0
+        self._timed += 1
+        runs = {}
+        order = ("none", "pruned") if none_first else ("pruned", "none") if partner is not None else ("pruned",)
+        for which in order:
+            backbone = self.backbone if which == "pruned" else self.partner.backbone
+            runs[which] = self._timed_answer(backbone, video, context, gen_kwargs, extra)
+        text, stats, failure = runs["pruned"]
+        entry = (
+            self._failed(base, *failure) if failure else {**base, "prediction": text, "failed": False, "stats": stats}
+        )
+        entry.update(stamp)
+        if partner is not None:
+            ntext, nstats, nfailure = runs["none"]
+            nbase = {**base, "answer_key": partner[0]}
+            if partner[1] != "reuse":
+                if nfailure:
+                    self._partner_append(partner, nbase, *nfailure)
+                else:
+                    self.partner.log.append({**nbase, "prediction": ntext, "failed": False, "stats": nstats, **stamp})
+            if not failure and not nfailure:
+                entry["paired"] = {
+                    "none_ttft_s": nstats["ttft_s"],
+                    "ttft_s": stats["ttft_s"],
+                    "first": "none" if none_first else "pruned",
+                }
+        return entry
+
+    def _partner_append(self, partner, base: dict[str, Any], error: str, trace: str | None = None) -> None:
+        if partner[1] == "reuse":
+            return
+        entry = {**base, "prediction": FAILED_ANSWER, "failed": True, "error": error}
+        if trace:
+            entry["traceback"] = trace
+        self.partner.log.append({**entry, "timing_key": self.timing_key, "timing_env": self.timing})
 
     def loglikelihood(self, requests):
         raise NotImplementedError(

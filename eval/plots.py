@@ -17,6 +17,7 @@ dates in the metadata, and text written as SVG ``<text>`` (searchable, testable)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 __all__ = ["METRICS", "REQUIRED_COLUMNS", "figure_size", "plot_sweep"]
@@ -112,10 +114,44 @@ def _panel(ax, cell: pd.DataFrame, metric: str, x: str, colours: dict[str, str],
         rows = rows.sort_values(x)
         xs, ys = rows[x].astype(float).to_numpy(), rows[metric].astype(float).to_numpy()
         (line,) = ax.plot(xs, ys, marker="o", color=colours[method], label=method, gid=f"{gid}-{method}")
-        if metric == "accuracy" and "ci_low" in rows.columns:
-            low, high = rows["ci_low"].astype(float).to_numpy(), rows["ci_high"].astype(float).to_numpy()
-            bars = ax.errorbar(xs, ys, yerr=[ys - low, high - ys], fmt="none", ecolor=line.get_color(), capsize=3)
-            bars.lines[2][0].set_gid(f"{gid}-{method}-ci")  # the vertical bars (a LineCollection)
+        bounds = {"accuracy": ("ci_low", "ci_high"), "ttft_speedup": ("ttft_ci_low", "ttft_ci_high")}.get(metric)
+        if bounds is not None and bounds[0] in rows.columns:
+            low, high = rows[bounds[0]].astype(float).to_numpy(), rows[bounds[1]].astype(float).to_numpy()
+            has = ~(np.isnan(low) | np.isnan(high))
+            if has.any():
+                bars = ax.errorbar(
+                    xs[has],
+                    ys[has],
+                    yerr=[ys[has] - low[has], high[has] - ys[has]],
+                    fmt="none",
+                    ecolor=line.get_color(),
+                    capsize=3,
+                )
+                bars.lines[2][0].set_gid(f"{gid}-{method}-ci")  # the vertical bars (a LineCollection)
+            if metric == "ttft_speedup":
+                # A speed-up whose CI includes 1.0 is not significant: drawn hollow. Points without a CI (unpaired
+                # timing) are drawn as crosses: no claim either way.
+                ns = has & (low <= 1.0) & (high >= 1.0)
+                if ns.any():
+                    ax.plot(
+                        xs[ns],
+                        ys[ns],
+                        marker="o",
+                        markerfacecolor="white",
+                        color=line.get_color(),
+                        linestyle="none",
+                        gid=f"{gid}-{method}-ns",
+                    )
+                if (~has).any():
+                    ax.plot(
+                        xs[~has],
+                        ys[~has],
+                        marker="x",
+                        color=line.get_color(),
+                        linestyle="none",
+                        markersize=8,
+                        gid=f"{gid}-{method}-unpaired",
+                    )
 
 
 def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio") -> list[Path]:
@@ -125,8 +161,10 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
         df: one row per evaluation cell (e.g. ``eval.tables.collect``), with columns ``model``, ``benchmark``,
             ``prune``, ``ratio``, ``accuracy`` (%) and ``ttft_speedup`` (× over ``none``; NaN allowed); optional
             ``ci_low``/``ci_high``: bounds of the accuracy interval **in accuracy units** (for a paired Δ interval,
-            ``none``'s accuracy + ``PairedDelta.low``/``high``), drawn as error bars on the accuracy figure. The
-            ``none`` row of a (model, benchmark) is the reference line.
+            ``none``'s accuracy + ``PairedDelta.low``/``high``), drawn as error bars on the accuracy figure;
+            optional ``ttft_ci_low``/``ttft_ci_high``: the bootstrap CI of the paired TTFT speed-up, drawn as error
+            bars, with a hollow marker where it includes 1.0 (not significant) and a cross where a point has none.
+            The ``none`` row of a (model, benchmark) is the reference line.
         out_dir: folder for the files (created).
         stem: file-name prefix.
         x: the x-axis column: ``ratio`` (default), or an achieved budget such as ``flops_ratio``,
@@ -175,9 +213,20 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
             order = [*sorted(n for n in handles if n != "none"), *(["none"] if "none" in handles else [])]
             ncols = legend_columns(len(order), len(benchmarks))
             fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=ncols)
+            if metric == "ttft_speedup":
+                fig.text(
+                    0.01,
+                    0.99,
+                    "bars: bootstrap 95 % CI of paired TTFT ratios; hollow: CI includes 1 (n.s.); x: unpaired, no CI",
+                    fontsize=7,
+                    va="top",
+                    gid="ttft-legend-note",
+                )
             for suffix, metadata in ((".png", {"Software": None}), (".svg", {"Date": None})):
                 path = out / f"{stem}_{metric}{suffix}"
-                fig.savefig(path, dpi=DPI, metadata=metadata)
+                tmp = path.with_name(f".{path.name}.tmp")  # written, then renamed: never a torn picture
+                fig.savefig(tmp, dpi=DPI, metadata=metadata, format=suffix[1:])
+                os.replace(tmp, path)
                 paths.append(path)
             plt.close(fig)
     return paths

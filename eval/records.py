@@ -2,20 +2,27 @@
 
 Layout: ``results/runs/<model>/<benchmark>/<prune>/<ratio>/{record.json, samples.jsonl, scores.jsonl, config.yaml}``.
 
-``samples.jsonl`` gets one line per generated sample, flushed and fsynced before the next sample starts, so a killed
-run loses at most the sample in flight. Each line carries the hash of the run's configuration; a re-run of the same
-configuration skips every sample already in the log, and a changed configuration never reuses stale lines.
+``samples.jsonl`` gets one line per generated sample, written with one ``write`` and fsynced before the next sample
+starts, so a killed run loses at most the sample in flight; a torn last line is cut off before the next append. Each
+line carries the cell's settings hash and the sample's answer and timing keys (:mod:`eval.keys`): a re-run reuses a
+sample only when its inputs are unchanged and it did not fail. ``record.json``, ``scores.jsonl`` and the tables are
+written to a temporary file and renamed (:func:`write_atomic`); a lock file (:func:`cell_lock`) keeps two runs off
+one cell; :func:`cell_dir` keeps every cell folder under ``results_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -24,54 +31,204 @@ from typing import Any
 
 __all__ = [
     "RECORD_VERSION",
+    "CellLocked",
     "SampleLog",
+    "StorageError",
     "build_record",
+    "cell_dir",
+    "cell_lock",
     "config_hash",
     "environment",
     "evidence_summary",
     "percentile",
+    "write_atomic",
 ]
 
 RECORD_VERSION = 1
 REPO = Path(__file__).resolve().parents[1]
 
 
+class StorageError(RuntimeError):
+    """A write failed (full disk, read-only folder); the message is one line and earlier files are intact."""
+
+
+class CellLocked(RuntimeError):
+    """Another run holds the cell's lock file."""
+
+
+def storage_error(path: Path, err: OSError) -> StorageError:
+    """One line for a failed write: ENOSPC says so, anything else names the OS error."""
+    if err.errno == errno.ENOSPC:
+        return StorageError(
+            f"no space left on the device writing {path}; every earlier file is intact: free space and re-run "
+            "(finished samples resume)"
+        )
+    return StorageError(f"cannot write {path}: {err.strerror or err}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, fsync it and rename it over ``path``.
+
+    A reader sees the old file or the new one, never a torn one; on failure (ENOSPC included) the temporary file is
+    removed, ``path`` is untouched and :class:`StorageError` says what happened.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, err) from err
+
+
+@contextlib.contextmanager
+def cell_lock(run_dir: Path, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold ``<run_dir>/.lock`` (``flock``, exclusive) while a run writes the cell.
+
+    The kernel drops the lock when its process dies (``kill -9`` included), so a crashed run never leaves a stale
+    lock. A second run on the same cell waits up to ``wait_s`` seconds, then stops with :class:`CellLocked` naming
+    the holder.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise storage_error(path, err) from err
+    deadline = time.monotonic() + max(0.0, float(wait_s))
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
+                    raise CellLocked(
+                        f"another run is writing {run_dir} ({holder}); wait for it to finish, or pass "
+                        "lock_wait=<seconds> to wait for it"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since {datetime.now(UTC):%H:%M:%S} UTC".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def cell_dir(results_dir: Path, *names: str) -> Path:
+    """``<results_dir>/runs/<names...>``, refusing any name that could leave ``results_dir``.
+
+    The names are checked by :func:`eval.options.check_name` when the config is composed; this is the last guard:
+    every part must be one plain path component and the joined path must stay under ``results_dir``.
+    """
+    root = Path(os.path.abspath(results_dir))
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ValueError(f"refusing path component {name!r} under {root}: names must be plain folder names")
+    path = Path(os.path.normpath(root.joinpath("runs", *names)))
+    if os.path.commonpath([root, path]) != str(root):
+        raise ValueError(f"refusing {path}: it is outside results_dir {root}")
+    return path
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
-    """Stable short hash of the settings that change a sample's answer (model, strategy, frames, decoding)."""
+    """Stable short hash of the settings that change a sample's answer (:func:`eval.keys.answer_settings`)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass
 class SampleLog:
-    """Append-only JSONL of finished samples, keyed by ``(task, doc_id)`` for one configuration hash."""
+    """Append-only JSONL of finished samples of one cell, read for the cell's answer-settings hash.
+
+    Every line carries ``config_hash`` (the cell's settings), ``answer_key`` and ``timing_key``
+    (:mod:`eval.keys`). ``done`` maps ``(task, doc_id)`` to the latest line with this hash; whether it may be reused
+    for the current inputs is :meth:`lookup`'s decision. Opening the log cuts a torn last line (a kill or a full
+    disk mid-write) off the file, so the next append starts on a fresh line; ``torn_bytes`` says how much went.
+    Open it only while holding the cell's lock (:func:`cell_lock`).
+    """
 
     path: Path
     hash: str
     done: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    torn_bytes: int = 0
+    bad_lines: int = 0
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            with self.path.open() as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill: that sample runs again
-                        continue
-                    if entry.get("config_hash") == self.hash:
-                        self.done[(entry["task"], int(entry["doc_id"]))] = entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(self.path.parent, err) from err
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            self.torn_bytes = len(data) - keep
+            with self.path.open("r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:keep]
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                key = (entry["task"], int(entry["doc_id"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                self.bad_lines += 1
+                continue
+            if entry.get("config_hash") == self.hash:
+                self.done[key] = entry
 
     def get(self, task: str, doc_id: int) -> dict[str, Any] | None:
+        """The latest entry of this sample under this cell's settings (whatever its inputs were)."""
         return self.done.get((task, int(doc_id)))
 
+    def lookup(self, task: str, doc_id: int, answer_key: str, timing_key: str, retime: bool) -> tuple[Any, str]:
+        """Whether the recorded sample can stand for this run.
+
+        Returns:
+            ``(entry, "reuse")`` when its answer key matches, it did not fail, and its timing key matches (or
+            ``retime`` is false); otherwise ``(previous entry or None, reason)`` with reason ``new``, ``inputs
+            changed``, ``failed before`` or ``timing environment changed``: the sample runs again.
+        """
+        entry = self.get(task, doc_id)
+        if entry is None:
+            return None, "new"
+        if entry.get("answer_key") != answer_key:
+            return entry, "inputs changed"
+        if entry.get("failed"):
+            return entry, "failed before"
+        if retime and entry.get("timing_key") != timing_key:
+            return entry, "timing environment changed"
+        return entry, "reuse"
+
     def append(self, entry: dict[str, Any]) -> None:
+        """Append one line with a single write, fsynced; a failed write is cut back off and raises StorageError."""
         entry = {**entry, "config_hash": self.hash}
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = (json.dumps(entry, default=str) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise storage_error(self.path, err) from err
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(fd)
+            except OSError as err:
+                os.ftruncate(fd, size)  # leave no fragment for the next append to join
+                raise storage_error(self.path, err) from err
+        finally:
+            os.close(fd)
         self.done[(entry["task"], int(entry["doc_id"]))] = entry
 
 
@@ -152,6 +309,7 @@ def build_record(
     samples: list[dict[str, Any]],
     llm_shape: Mapping[str, int],
     flops: list[Mapping[str, float]],
+    timing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Aggregate one cell's scored samples into ``record.json``.
 
@@ -161,6 +319,10 @@ def build_record(
             generation ``stats`` (absent for failed samples).
         llm_shape: the LLM's dimensions (for the record).
         flops: per successful sample, :func:`eval.backbones.flops_of`'s dict.
+        timing: this run's :func:`eval.keys.timing_env`. Samples carry the ``timing_key`` and ``timing_env`` they
+            were timed under; times, memory and KV bytes aggregate only over one environment: this run's when any
+            sample was timed here, else the environment most samples were timed in (``timing_stale`` is then true).
+            ``timing_env`` always names the environment the times come from. None: every sample counts.
 
     Returns:
         The record: accuracy over all samples (failed ones count as wrong), per-task accuracy, token, FLOPs, TTFT,
@@ -168,7 +330,9 @@ def build_record(
         one untimed generate first).
     """
     ok = [s for s in samples if not s["failed"]]
-    stats = [s["stats"] for s in ok]
+    timed, timing_meta = _timing_group(ok, timing)
+    stats = [s["stats"] for s in timed]
+    token_stats = [s["stats"] for s in ok]
     per_task: dict[str, list[float]] = {}
     for s in samples:
         per_task.setdefault(s["task"], []).append(s["score"])
@@ -177,8 +341,8 @@ def build_record(
     stage_ms = {
         k: _median([1000 * st["timings_s"][k] for st in stats]) for k in (stats[0]["timings_s"] if stats else {})
     }
-    pre = [st["visual_pre_llm"] / st["visual_in"] for st in stats]
-    layer_avg = [sum(st["visual_per_layer"]) / (len(st["visual_per_layer"]) * st["visual_in"]) for st in stats]
+    pre = [st["visual_pre_llm"] / st["visual_in"] for st in token_stats]
+    layer_avg = [sum(st["visual_per_layer"]) / (len(st["visual_per_layer"]) * st["visual_in"]) for st in token_stats]
     peaks = [st["peak_mem_bytes"] for st in stats if st.get("peak_mem_bytes") is not None]
     rss = [st["rss_peak_bytes"] for st in stats if st.get("rss_peak_bytes") is not None]
 
@@ -198,7 +362,7 @@ def build_record(
         "n_parse_failed": sum(1 for s in ok if not s["parse_ok"]),
         "accuracy": accuracy,
         "accuracy_by_task": {t: 100 * sum(v) / len(v) for t, v in sorted(per_task.items())},
-        "visual_tokens_in": _median([st["visual_in"] for st in stats]),
+        "visual_tokens_in": _median([st["visual_in"] for st in token_stats]),
         "pre_llm_retained_pct": 100 * statistics.mean(pre) if pre else None,
         "layer_avg_retained_pct": 100 * statistics.mean(layer_avg) if layer_avg else None,
         # FLOPs: the papers' convention (FastV) for the ratio the tables show; executed FLOPs next to it.
@@ -221,6 +385,7 @@ def build_record(
         "peak_memory_kind": "cuda_max_allocated" if peaks else "process_peak_rss",
         "llm_shape": dict(llm_shape) if isinstance(llm_shape, Mapping) else asdict(llm_shape),
         **evidence_summary(ok),
+        **timing_meta,
     }
 
 
@@ -246,4 +411,28 @@ def evidence_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "evidence_final_pct": 100 * statistics.mean(x[-1] for x in stages),
         "evidence_by_stage_pct": by_stage,
         "evidence_final_by_task_pct": {t: 100 * statistics.mean(v) for t, v in sorted(per_task.items())},
+    }
+
+
+def _timing_group(ok: list[dict[str, Any]], timing: Mapping[str, Any] | None) -> tuple[list, dict[str, Any]]:
+    """The samples whose times a record aggregates (one environment only) and the fields that say which."""
+    if timing is None:
+        return ok, {}
+    from eval.keys import timing_key
+
+    here = timing_key(timing)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in ok:
+        groups.setdefault(s.get("timing_key") or "unknown", []).append(s)
+    if here in groups or not groups:
+        key, env, stale = here, dict(timing), False
+    else:  # nothing timed here (retime=false after a change): report the largest group, and say so
+        key = max(groups, key=lambda k: len(groups[k]))
+        env, stale = groups[key][0].get("timing_env"), True
+    chosen = groups.get(key, [])
+    return chosen, {
+        "timing_env": env,
+        "timing_stale": stale,
+        "n_timed": len(chosen),
+        "n_timing_other_env": len(ok) - len(chosen),
     }

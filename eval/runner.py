@@ -9,6 +9,7 @@ from their ``samples.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -16,15 +17,28 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eval.config import CONFIGS, REPO, compose_config, make_backbone, make_strategy
-from eval.records import SampleLog, build_record, config_hash, environment
+from eval.config import CONFIGS, REPO, compose_config, make_backbone, make_paired_backbones, make_strategy
+from eval.keys import timing_env
+from eval.options import OptionError, validate
+from eval.records import (
+    SampleLog,
+    build_record,
+    cell_dir,
+    cell_lock,
+    config_hash,
+    environment,
+    storage_error,
+    write_atomic,
+)
 
-__all__ = ["compose_config", "make_backbone", "run", "run_cell"]
+__all__ = ["compose_config", "make_backbone", "make_paired_backbones", "run", "run_cell", "run_paired"]
 
 
 def _seed_everything(seed: int, threads: int | None) -> None:
@@ -38,25 +52,42 @@ def _seed_everything(seed: int, threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def _results_root(cfg: DictConfig) -> Path:
+    return Path(os.path.abspath(REPO / Path(str(cfg.results_dir)).expanduser()))
+
+
+def _data_dir(cfg: DictConfig) -> Path | None:
+    if cfg.benchmark.mode != "offline":
+        return None
+    return (REPO / Path(str(cfg.benchmark.data_dir)).expanduser()).resolve()
+
+
 def _prepare_tasks(cfg: DictConfig) -> tuple[list[str], str | None]:
-    """lmms-eval task names (and an include path for local tasks) for ``cfg.benchmark``."""
+    """lmms-eval task names (and an include path for local tasks) for ``cfg.benchmark``.
+
+    Offline, the generated task files go to ``<results_dir>/.cache/lmms_tasks/<data_dir hash>/``, never into the
+    (possibly read-only) data folder; bad annotation rows become recorded per-sample failures (``eval.benchmarks``).
+    """
     from eval.benchmarks import BENCHMARKS, write_local_tasks
+    from eval.keys import stable_hash
 
     names = list(cfg.benchmark.benchmarks)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+        raise OptionError(f"option benchmark.benchmarks={unknown}: expected names among {sorted(BENCHMARKS)}")
     if cfg.benchmark.mode == "online":
         return [t for n in names for t in BENCHMARKS[n].online_tasks], None
     if cfg.benchmark.mode != "offline":
-        raise ValueError(f"benchmark.mode must be online or offline, got {cfg.benchmark.mode!r}")
+        raise OptionError(f"option benchmark.mode={cfg.benchmark.mode!r}: expected one of online, offline")
     if not cfg.benchmark.data_dir:
-        raise ValueError("benchmark.mode=offline needs benchmark.data_dir: the folder with annotations and videos")
-    data_dir = (REPO / cfg.benchmark.data_dir).resolve()
+        raise OptionError("option benchmark.data_dir=None: mode=offline needs the folder with annotations and videos")
+    data_dir = _data_dir(cfg)
     if names == ["probe"]:
         return _prepare_probe(cfg.benchmark, data_dir)
     if "probe" in names:
-        raise ValueError("benchmark.benchmarks: the probe runs on its own (benchmark=probe), not mixed with others")
+        raise OptionError(
+            f"option benchmark.benchmarks={names}: the probe runs on its own (benchmark=probe), not mixed with others"
+        )
     if cfg.benchmark.get("build"):  # idempotent: writes only what is missing
         subprocess.run(
             [sys.executable, str(REPO / "scripts" / "make_tiny_bench.py"), "--out", str(data_dir)], check=True
@@ -66,7 +97,8 @@ def _prepare_tasks(cfg: DictConfig) -> tuple[list[str], str | None]:
     # Everything offline: local JSON annotations, videos under data_dir, no hub look-ups.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    include, tasks = write_local_tasks(data_dir, names)
+    out = _results_root(cfg) / ".cache" / "lmms_tasks" / stable_hash(str(data_dir), 12)
+    include, tasks = write_local_tasks(data_dir, names, out_dir=out)
     return tasks, str(include)
 
 
@@ -75,7 +107,7 @@ def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
     from eval.probe import write_probe
 
     if not isinstance(bench.seed, int) or isinstance(bench.seed, bool):
-        raise ValueError(f"benchmark.seed must be an int (the probe generator's seed), got {bench.seed!r}")
+        raise OptionError(f"option benchmark.seed={bench.seed!r}: expected an int (the probe generator's seed)")
     folder = data_dir / f"seed{bench.seed}_t{bench.num_frames}_n{bench.per_family}"
     if not bench.get("build") and not folder.is_dir():
         raise FileNotFoundError(f"probe set {folder} does not exist; run with benchmark.build=true to generate it")
@@ -93,51 +125,174 @@ def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
     return tasks, str(include)
 
 
-def _cell_config(cfg: DictConfig) -> dict[str, Any]:
-    """The settings that decide a sample's answer; their hash keys resume."""
+def _data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The benchmark data a run reads: the resolved data_dir and the SHA-256 of every annotation file (offline)."""
+    from eval.benchmarks import BENCHMARKS, MVBENCH_SUBTASK_FOLDERS
+    from eval.keys import file_sha256
+
+    data_dir = _data_dir(cfg)
+    if data_dir is None:
+        return {"data_dir": None, "annotations": {}}
+    annotations = {}
+    for name in cfg.benchmark.benchmarks:
+        bench = BENCHMARKS[name]
+        for sub in MVBENCH_SUBTASK_FOLDERS if name == "mvbench" else [None]:
+            path = bench.annotation_path(data_dir, sub)
+            if path.is_file():
+                annotations[str(path.relative_to(data_dir))] = file_sha256(path)
+    return {"data_dir": str(data_dir), "annotations": annotations}
+
+
+def _strategy_name(cfg: DictConfig) -> str:
+    return make_strategy(cfg).name
+
+
+def _prune_settings(cfg: DictConfig) -> dict[str, Any]:
     prune = OmegaConf.to_container(cfg.prune, resolve=True)
     if prune.get("_target_") == "prune.strategies.none.NoPruning":
-        prune.pop("ratio", None)  # none ignores it: the paired baseline of every ratio is one cell, computed once
-    cell = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "prune": prune,
-        "seed": cfg.seed,
-        "max_new_tokens": cfg.max_new_tokens,
-    }
+        prune.pop("ratio", None)  # none ignores it: the paired baseline of every ratio is one cell
+    return prune
+
+
+def _cell_config(cfg: DictConfig, data_dir: str | None = None) -> dict[str, Any]:
+    """The cell-level settings that decide a sample's answer (:func:`eval.keys.answer_settings`)."""
+    from eval.keys import answer_settings
+
+    settings = answer_settings(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        _prune_settings(cfg),
+        int(cfg.seed),
+        cfg.max_new_tokens,
+        OmegaConf.to_container(cfg.benchmark, resolve=True),
+        data_dir,
+    )
     if list(cfg.benchmark.benchmarks) == ["probe"]:  # generated documents: the generator settings decide them
-        cell["probe"] = {k: cfg.benchmark[k] for k in ("seed", "num_frames", "size", "grid")}
-    return cell
+        settings["probe"] = {k: cfg.benchmark[k] for k in ("seed", "num_frames", "size", "grid")}
+    return settings
 
 
-def run_cell(cfg: DictConfig, tasks: list[str], include_path: str | None, baseline: dict | None = None) -> dict:
-    """Evaluate one cell and write its record; return the record."""
+@dataclass
+class _Cell:
+    """One cell folder while a run holds its lock: paths, the sample log, this run's environment."""
+
+    cfg: DictConfig
+    strategy: str
+    run_dir: Path
+    ratio_dir: str
+    log: SampleLog
+    data: dict[str, Any]
+    env: dict[str, Any]
+    timing: dict[str, Any]
+    previous: dict[str, Any] | None  # the record.json already there, if any
+
+    @property
+    def limit(self) -> int | None:
+        """The requested limit, never below the existing record's (same settings): a record never shrinks."""
+        prev = self.previous
+        if prev is None or prev.get("config_hash") != self.log.hash:
+            return self.cfg.limit
+        return _max_limit(self.cfg.limit, prev.get("limit"))
+
+
+def _max_limit(*limits: int | None) -> int | None:
+    return None if any(v is None for v in limits) else max(limits)
+
+
+@contextlib.contextmanager
+def _open_cell(cfg: DictConfig, data: dict[str, Any]) -> Iterator[_Cell]:
+    strategy = _strategy_name(cfg)
+    ratio_dir = "1.0" if strategy == "none" else f"{float(cfg.ratio):g}"
+    run_dir = cell_dir(_results_root(cfg), cfg.model.name, cfg.benchmark.name, strategy, ratio_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(run_dir, err) from err
+    with cell_lock(run_dir, float(cfg.get("lock_wait", 0))):
+        env = environment("cuda" if _cuda(cfg.device) else "cpu")
+        timing = timing_env(env, cfg.model.get("dtype"))
+        log = SampleLog(run_dir / "samples.jsonl", config_hash(_cell_config(cfg, data["data_dir"])))
+        if log.torn_bytes:
+            print(f"[vidprune] cut a torn last line ({log.torn_bytes} bytes) off {log.path}")
+        path = run_dir / "record.json"
+        try:
+            previous = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        yield _Cell(cfg, strategy, run_dir, ratio_dir, log, data, env, timing, previous)
+
+
+def _lmm(cell: _Cell, backbone, partner=None):
+    from eval.lmms_model import VidPruneLMM
+
+    return VidPruneLMM(
+        backbone=backbone,
+        sample_log=cell.log,
+        max_new_tokens=cell.cfg.max_new_tokens,
+        timing=cell.timing,
+        retime=bool(cell.cfg.get("retime", True)),
+        partner=partner,
+    )
+
+
+def run_cell(
+    cfg: DictConfig, tasks: list[str], include_path: str | None, baseline: dict | None = None, backbone=None
+) -> dict:
+    """Evaluate one cell and write its record (times from this cell's own samples); return the record."""
+    _seed_everything(int(cfg.seed), cfg.threads)
+    with _open_cell(cfg, _data_identity(cfg)) as cell:
+        lmm = _lmm(cell, backbone if backbone is not None else make_backbone(cfg))
+        evaluated = _evaluate(cell, lmm, tasks, include_path, cell.limit)
+        return _write_record(cell, lmm, evaluated, baseline)
+
+
+def run_paired(cfg: DictConfig, base_cfg: DictConfig, tasks: list[str], include_path: str | None) -> dict:
+    """Evaluate a pruned cell with ``none`` timed back-to-back on every sample; write both records.
+
+    Each sample is answered by both backbones in one process, alternating which goes first, so load drift
+    cancels from the per-sample TTFT ratio. The ``none`` answers go to the ``none`` cell's log (unless already
+    there), whose record is then rebuilt from it.
+    """
+    _seed_everything(int(cfg.seed), cfg.threads)
+    data = _data_identity(cfg)
+    none_bb, pruned_bb = make_paired_backbones(cfg, base_cfg)
+    from eval.lmms_model import Partner
+
+    with _open_cell(base_cfg, data) as none_cell, _open_cell(cfg, data) as cell:
+        limit = cell.limit
+        lmm = _lmm(cell, pruned_bb, Partner(none_bb, none_cell.log))
+        evaluated = _evaluate(cell, lmm, tasks, include_path, limit)
+        none_lmm = _lmm(none_cell, none_bb)
+        base = _write_record(
+            none_cell, none_lmm, _evaluate(none_cell, none_lmm, tasks, include_path, _max_limit(limit, none_cell.limit))
+        )
+        return _write_record(cell, lmm, evaluated, base)
+
+
+def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limit: int | None) -> dict[str, Any]:
+    """Run lmms-eval over the cell's samples and score each from this run's entries."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.tasks import TaskManager
 
     from eval.backbones import flops_of
     from eval.benchmarks import PROCESS_DOCS_PARALLEL, parse_ok, sample_score, task_metric
-    from eval.lmms_model import VidPruneLMM
 
-    _seed_everything(int(cfg.seed), cfg.threads)
-    backbone = make_backbone(cfg)
-    strategy_name = backbone.adapter.strategy.name
-    ratio_dir = "1.0" if strategy_name == "none" else f"{float(cfg.ratio):g}"
-    run_dir = REPO / cfg.results_dir / "runs" / cfg.model.name / cfg.benchmark.name / strategy_name / ratio_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = environment("cuda" if _cuda(cfg.device) else "cpu")
-    cell = _cell_config(cfg)
-    log = SampleLog(run_dir / "samples.jsonl", config_hash(cell))
-    print(f"[vidprune] {cfg.model.name} × {strategy_name} (ratio {ratio_dir}) × {cfg.benchmark.name} -> {run_dir}")
-    print(f"[vidprune] {len(log.done)} finished samples found in {log.path.name}; they are not recomputed")
-    lmm = VidPruneLMM(backbone=backbone, sample_log=log, max_new_tokens=cfg.max_new_tokens)
-    tracker = EvaluationTracker(output_path=str(run_dir / "lmms_eval"))
+    cfg = cell.cfg
+    if limit != cfg.limit:
+        print(
+            f"[vidprune] {cell.run_dir}: its record covers limit={limit}; evaluating limit={limit} instead of "
+            f"{cfg.limit} so that it does not shrink (finished samples are reused)"
+        )
+    name = f"{cfg.model.name} × {cell.strategy} (ratio {cell.ratio_dir}) × {cfg.benchmark.name}"
+    print(f"[vidprune] {name} -> {cell.run_dir}")
+    print(f"[vidprune] {len(cell.log.done)} samples recorded under these settings in {cell.log.path.name}")
+    tracker = EvaluationTracker(output_path=str(cell.run_dir / "lmms_eval"))
     start = time.time()
     results = simple_evaluate(
         model=lmm,
         tasks=tasks,
         task_manager=TaskManager(include_path=include_path, model_name="vidprune"),
-        limit=cfg.limit,
+        limit=limit,
         log_samples=True,
         bootstrap_iters=0,
         evaluation_tracker=tracker,
@@ -148,16 +303,20 @@ def run_cell(cfg: DictConfig, tasks: list[str], include_path: str | None, baseli
         process_docs_parallel=PROCESS_DOCS_PARALLEL,
     )
     samples_by_task = results.pop("samples")
-    tracker.save_results_aggregated(results=results, samples=samples_by_task, datetime_str=results["date"])
-    for task, task_samples in samples_by_task.items():
-        tracker.save_results_samples(task_name=task, samples=task_samples)
+    try:
+        tracker.save_results_aggregated(results=results, samples=samples_by_task, datetime_str=results["date"])
+        for task, task_samples in samples_by_task.items():
+            tracker.save_results_samples(task_name=task, samples=task_samples)
+    except OSError as err:
+        raise storage_error(cell.run_dir / "lmms_eval", err) from err
 
     scored, flops = [], []
+    shape = lmm.backbone.llm_shape
     for task, task_samples in samples_by_task.items():
         metric = task_metric(task)[0]
         split = next(iter(lmm.task_dict[task]))
         for s in task_samples:
-            entry = log.get(task, s["doc_id"])
+            entry = lmm.used.get((task, int(s["doc_id"])))
             if entry is None:
                 raise RuntimeError(f"lmms-eval scored {task}/{s['doc_id']}, which the model never answered")
             failed = bool(entry["failed"])
@@ -166,56 +325,111 @@ def run_cell(cfg: DictConfig, tasks: list[str], include_path: str | None, baseli
             # Correct only when the answer parsed: EgoSchema and NExT-QA score a random letter for unparsable output,
             # and a failed sample counts as wrong (MVBench's own aggregation drops it from the denominator).
             correct = parsed and (sample_score(task, s[metric]) or 0.0) == 1.0
-            row = {
-                "task": task,
-                "doc_id": s["doc_id"],
-                "prediction": entry["prediction"],
-                "failed": failed,
-                "error": entry.get("error"),
-                "score": 1.0 if correct else 0.0,
-                "parse_ok": parsed,
-                "stats": entry.get("stats"),
-            }
-            scored.append(row)
+            scored.append(
+                {
+                    "task": task,
+                    "doc_id": s["doc_id"],
+                    "prediction": entry["prediction"],
+                    "failed": failed,
+                    "error": entry.get("error"),
+                    "score": 1.0 if correct else 0.0,
+                    "parse_ok": parsed,
+                    "stats": entry.get("stats"),
+                    "timing_key": entry.get("timing_key"),
+                    "timing_env": entry.get("timing_env"),
+                    "paired": entry.get("paired"),
+                }
+            )
             if not failed:
-                flops.append(flops_of(entry["stats"], backbone.llm_shape))
-    with (run_dir / "scores.jsonl").open("w") as f:
-        for row in scored:
-            f.write(json.dumps({k: v for k, v in row.items() if k != "stats"}) + "\n")
+                flops.append(flops_of(entry["stats"], shape))
+    return {"results": results, "scored": scored, "flops": flops, "limit": limit, "wall_s": time.time() - start}
+
+
+def _write_record(cell: _Cell, lmm, evaluated: dict[str, Any], baseline: dict | None = None) -> dict:
+    """``scores.jsonl``, ``config.yaml`` and ``record.json`` of a cell, each written atomically."""
+    from eval.keys import timing_key
+    from eval.stats import paired_bootstrap, ratio_ci
+
+    cfg, run_dir, scored = cell.cfg, cell.run_dir, evaluated["scored"]
+    resume = dict(lmm.resume)
     meta = {
         "model": cfg.model.name,
-        "prune": strategy_name,
-        "ratio": float(ratio_dir),
+        "prune": cell.strategy,
+        "ratio": float(cell.ratio_dir),
         "benchmark": cfg.benchmark.name,
-        "tasks": tasks,
+        "tasks": sorted({r["task"] for r in scored}),
         "seed": int(cfg.seed),
-        "limit": cfg.limit,
-        "config_hash": log.hash,
+        "limit": evaluated["limit"],
+        "limit_requested": cfg.limit,
+        "config_hash": cell.log.hash,
         "config": OmegaConf.to_container(cfg, resolve=True),
-        **env,
-        "wall_s": time.time() - start,
-        "lmms_eval_results": {k: v for k, v in results.get("results", {}).items()},
+        "data": cell.data,
+        **cell.env,
+        "wall_s": evaluated["wall_s"],
+        "resume": resume,
+        "n_retried": resume.get("retried_failed", 0),
+        "n_retried_still_failed": resume.get("retried_still_failed", 0),
+        "lmms_eval_results": dict(evaluated["results"].get("results", {})),
     }
-    record = build_record(meta=meta, samples=scored, llm_shape=backbone.llm_shape, flops=flops)
+    record = build_record(
+        meta=meta, samples=scored, llm_shape=lmm.backbone.llm_shape, flops=evaluated["flops"], timing=cell.timing
+    )
+    # Per-sample TTFT ratio of a back-to-back pair, only for samples timed in the record's timing environment.
+    key = timing_key(record["timing_env"]) if record.get("timing_env") else None
+    for r in scored:
+        pair = r.get("paired")
+        ok = pair and not r["failed"] and r.get("timing_key") == key and pair["ttft_s"] > 0
+        r["ttft_ratio"] = pair["none_ttft_s"] / pair["ttft_s"] if ok else None
+    keep = ("task", "doc_id", "prediction", "failed", "error", "score", "parse_ok", "ttft_ratio")
+    write_atomic(run_dir / "scores.jsonl", "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in scored))
     if baseline is not None:
-        record["baseline"] = {
-            "record": str(Path(baseline["_path"]).relative_to(REPO / cfg.results_dir)),
-            "delta_accuracy": _sub(record["accuracy"], baseline["accuracy"]),
-            "ttft_speedup": _div(baseline["ttft_ms_median"], record["ttft_ms_median"]),
-        }
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        record["baseline"] = _baseline(cfg, record, scored, baseline, paired_bootstrap, ratio_ci)
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     path = run_dir / "record.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)  # atomic: a finished record is never half-written
+    old = cell.previous
+    if old is not None and old.get("config_hash") != record["config_hash"]:  # other settings: keep it, aside
+        aside = run_dir / "superseded" / f"record-{old.get('config_hash', 'unknown')}.json"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(path, aside)
+        print(f"[vidprune] the record of other settings moved to {aside}")
+    write_atomic(path, json.dumps(record, indent=2, default=str))
+    ttft, acc = record["ttft_ms_median"], record["accuracy"]
     print(
         f"[vidprune] {record['n_samples']} samples ({record['n_failed']} failed, {record['n_parse_failed']} "
-        f"unparsed): accuracy {record['accuracy']:.1f}, FLOPs ×{record['flops_ratio'] or float('nan'):.3f}, "
-        f"TTFT {record['ttft_ms_median'] or float('nan'):.0f} ms -> {path}"
+        f"unparsed, {record['n_retried']} retried): accuracy {float('nan') if acc is None else acc:.1f}, "
+        f"FLOPs ×{record['flops_ratio'] or float('nan'):.3f}, "
+        f"TTFT {float('nan') if ttft is None else ttft:.0f} ms -> {path}"
     )
+    if record.get("timing_stale"):
+        print(f"[vidprune] times come from another environment ({record['timing_env']}); retime=true re-times them")
     _maybe_wandb(cfg, record, run_dir)
-    del backbone, lmm
-    return {**record, "_path": str(path)}
+    return {**record, "_path": str(path), "_scored": scored}
+
+
+def _baseline(cfg, record, scored, baseline, paired_bootstrap, ratio_ci) -> dict[str, Any]:
+    """Δaccuracy over the paired samples with its bootstrap CI, and the TTFT speed-up (paired when timed so)."""
+    base_scores = {(r["task"], r["doc_id"]): r["score"] for r in baseline["_scored"]}
+    ours = {(r["task"], r["doc_id"]): r["score"] for r in scored}
+    out: dict[str, Any] = {
+        "record": str(Path(baseline["_path"]).relative_to(_results_root(cfg))),
+        "delta_accuracy": _sub(record["accuracy"], baseline["accuracy"]),
+        "ttft_speedup": _div(baseline["ttft_ms_median"], record["ttft_ms_median"]),
+        "ttft_speedup_paired": False,
+    }
+    if ours and set(ours) & set(base_scores):
+        delta = paired_bootstrap(ours, base_scores, n_boot=2000, seed=int(cfg.seed))
+        out.update(delta_accuracy=delta.delta, delta_ci=[delta.low, delta.high], n_paired=delta.n_paired)
+    ratios = [r["ttft_ratio"] for r in scored if r.get("ttft_ratio") is not None]
+    if ratios:
+        ci = ratio_ci(ratios, seed=int(cfg.seed))
+        out.update(
+            ttft_speedup=ci["median"],
+            ttft_speedup_ci=[ci["low"], ci["high"]],
+            ttft_speedup_significant=ci["significant"],
+            ttft_speedup_paired=True,
+            ttft_speedup_n=len(ratios),
+        )
+    return out
 
 
 def _sub(a, b):
@@ -229,14 +443,12 @@ def _div(a, b):
 def _cuda(device: str) -> bool:
     import torch
 
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def _maybe_wandb(cfg: DictConfig, record: dict, run_dir: Path) -> None:
     if cfg.logger == "none":
         return
-    if cfg.logger != "wandb":
-        raise ValueError(f"logger must be none or wandb, got {cfg.logger!r}")
     import wandb
 
     mode = os.environ.get("WANDB_MODE", "offline")  # no login needed; `wandb sync` uploads later
@@ -246,19 +458,28 @@ def _maybe_wandb(cfg: DictConfig, record: dict, run_dir: Path) -> None:
         wb.log(scalars)
 
 
+def _none_config(cfg: DictConfig) -> DictConfig:
+    base_cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(base_cfg, False)
+    base_cfg.prune = OmegaConf.load(CONFIGS / "prune" / "none.yaml")
+    return base_cfg
+
+
 def run(cfg: DictConfig) -> dict:
-    """Evaluate ``cfg`` (and its paired ``none`` baseline), then rebuild ``results/tables``."""
+    """Validate every option, evaluate ``cfg`` (and its paired ``none`` baseline), then rebuild ``results/tables``."""
     from eval.tables import write_tables
 
+    strategy = validate(cfg)  # one line per bad option, before any data or model is touched
     tasks, include_path = _prepare_tasks(cfg)
-    baseline = None
-    strategy_name = make_strategy(cfg).name
-    if cfg.paired_baseline and strategy_name != "none":
-        base_cfg = copy.deepcopy(cfg)
-        OmegaConf.set_struct(base_cfg, False)
-        base_cfg.prune = OmegaConf.load(CONFIGS / "prune" / "none.yaml")
-        baseline = run_cell(base_cfg, tasks, include_path)
-    record = run_cell(cfg, tasks, include_path, baseline)
-    tables = write_tables(REPO / cfg.results_dir)
+    if cfg.paired_baseline and strategy.name != "none":
+        base_cfg = _none_config(cfg)
+        if cfg.get("paired_timing", True):
+            record = run_paired(cfg, base_cfg, tasks, include_path)
+        else:
+            baseline = run_cell(base_cfg, tasks, include_path)
+            record = run_cell(cfg, tasks, include_path, baseline)
+    else:
+        record = run_cell(cfg, tasks, include_path)
+    tables = write_tables(_results_root(cfg))
     print(f"[vidprune] tables: {', '.join(str(p) for p in tables)}")
     return record

@@ -155,9 +155,11 @@ def test_bad_videos_are_recorded_failures_and_a_killed_run_resumes(bundle, tmp_p
     calls.clear()
     again = run_cell(cfg, tasks, include)
     assert again["n_samples"] == 5 and again["n_failed"] == 3
-    done_before = {json.loads(s)["video"] for s in samples[:2] if "video" in json.loads(s)}
+    first = [json.loads(s) for s in samples[:2]]
+    done_before = {e["video"] for e in first if not e["failed"]}
     assert not done_before & set(calls)  # finished samples were not recomputed
-    assert len(calls) == 5 - 2  # only the three unfinished samples ran again
+    retried = sum(e["failed"] for e in first)  # a failure is not a finished result: it is retried
+    assert len(calls) == 5 - 2 + retried and again["n_retried"] == retried
 
 
 def test_missing_weights_fail_fast_with_a_message(tmp_path):
