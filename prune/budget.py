@@ -43,6 +43,7 @@ records them per sample.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -248,18 +249,22 @@ def solve(
     s = strategy
     # 1. Budget-exact methods: solve from the count formula before the pre-LLM stage runs.
     if isinstance(s, PlannedCounts):
-        planned = s
-
-        def plan(v: float) -> float | None:
-            return measure_of(_with(planned, **{last: v}).planned_counts(n_in, num_layers))
-
-        if _moves(plan):
-            s = _with(s, **{last: solve_monotone(plan, budget, iters=_ITERS_CHEAP)[0]})
+        args = (s, last, n_in, num_layers, budget, measure, other_tokens, hidden, ffn)
+        try:
+            v = _solve_planned(*args)  # content-free, so the same for every sample of a shape and prompt length
+        except TypeError:  # a strategy with an unhashable field: solve without the cache
+            v = _solve_planned.__wrapped__(*args)
+        if v is not None:
+            s = _with(s, **{last: v})
     pre = s.pre_llm(video)
 
     # 2. Content-dependent pre-LLM knobs (PruneVid's γ): re-run the pre-LLM stage only when the target needs it.
     for knob in knobs[:-1]:
-        s, pre = _solve_pre_knob(s, knob, last, pre, video, budget, measure == "tokens_in", measure_of, num_layers)
+        s, pre, bracketed = _solve_pre_knob(
+            s, knob, last, pre, video, budget, measure == "tokens_in", measure_of, num_layers
+        )
+        if bracketed:  # this knob spans the target (integer steps may still miss it): later ones stay as configured
+            break
 
     # 3. The last knob on the real pre-LLM output (per sample; a no-op for pre-LLM-only methods).
     s, moved = _solve_last(s, last, pre, budget, measure_of, num_layers)
@@ -272,7 +277,7 @@ def solve(
     # 4. Integer counts can leave the target between two steps of the last knob (PruneVid: every frame's dynamic
     # group has the same size, so the kept count moves in steps of T). Nearby pre-LLM knob values change the group
     # sizes; try a few and keep the nearest result.
-    for knob in knobs[:-1]:
+    for knob in knobs[:-1][:1]:  # the first pre-LLM knob only: later ones are for targets out of its range
         if reachable:
             break
         base = float(getattr(s, knob))
@@ -304,6 +309,27 @@ def solve(
     return s, dataclasses.replace(pre, solved=solved), solved
 
 
+@functools.lru_cache(maxsize=1024)
+def _solve_planned(
+    s: Strategy,
+    last: str,
+    n_in: int,
+    num_layers: int,
+    budget: float,
+    measure: str,
+    other_tokens: int,
+    hidden: int,
+    ffn: int,
+) -> float | None:
+    """The last knob solved over ``planned_counts`` (``None``: it does not move the measure)."""
+
+    def plan(v: float) -> float | None:
+        counts = _with(s, **{last: v}).planned_counts(n_in, num_layers)
+        return None if min(counts) < 1 else achieved(counts, n_in, measure, other_tokens, hidden, ffn)
+
+    return solve_monotone(plan, budget, iters=_ITERS_CHEAP)[0] if _moves(plan) else None
+
+
 def _solve_pre_knob(
     s: Strategy,
     knob: str,
@@ -314,56 +340,65 @@ def _solve_pre_knob(
     tokens_in: bool,
     measure_of: Callable[[Sequence[int]], float | None],
     num_layers: int,
-) -> tuple[Strategy, PreLLMOutput]:
+) -> tuple[Strategy, PreLLMOutput, bool]:
     """Move one content-dependent pre-LLM knob (re-running ``pre_llm``) when the last knob alone cannot do it.
 
-    ``tokens_in``: the pre-LLM knob alone sets the measure. Otherwise it moves only when the target lies outside
-    the range the last knob spans on the current pre-LLM output, to the value that brings the target inside that
-    range (or nearest to it), closest to the configured one.
+    The knob moves only when the target lies outside what the last knob can reach on the current pre-LLM output
+    (for ``tokens_in``, outside the tolerance of the pre-LLM count itself), to the evaluated value that brings the
+    target inside (or nearest to it), closest to the configured one (for ``tokens_in``: nearest the target).
+    Pre-LLM knobs are tried in the order the strategy lists them; a knob that brackets the target ends the list
+    (the next ones are for targets it cannot span, e.g. PruneVid's τ on a static video).
+
+    Returns:
+        The strategy, its pre-LLM output, and whether this knob brackets the target.
     """
     n_in = int(pre.assignment.numel())
     cache: dict[float, PreLLMOutput] = {float(getattr(s, knob)): pre}
+    ranges: dict[float, tuple[float | None, float | None]] = {}
 
     def pre_at(v: float) -> PreLLMOutput:
         if v not in cache:
             cache[v] = _with(s, **{knob: v}).pre_llm(video)
         return cache[v]
 
-    ranges: dict[float, tuple[float | None, float | None]] = {}
-
     def reach(v: float) -> tuple[float | None, float | None]:
         """Smallest and largest valid value the last knob gives on the pre-LLM output at ``knob = v``."""
         if v not in ranges:
             out = pre_at(v)
+            if tokens_in:  # the last knob cannot move the count entering the LLM
+                ranges[v] = (out.n / n_in, out.n / n_in)
+            else:
 
-            def at(x: float) -> float | None:
-                return measure_of(_with(s, **{last: x}).layer_counts(out, num_layers))
+                def at(x: float) -> float | None:
+                    return measure_of(_with(s, **{last: x}).layer_counts(out, num_layers))
 
-            ranges[v] = (_lowest(at), at(1.0))
+                ranges[v] = (_lowest(at), at(1.0))
         return ranges[v]
 
-    if tokens_in:
-        v, _ = solve_monotone(lambda v: pre_at(v).n / n_in, budget, iters=_ITERS_PRE_LLM)
-        return _with(s, **{knob: v}), pre_at(v)
-
     def gap(v: float) -> float:
-        """How far the target lies outside what the last knob can reach at ``knob = v`` (0: inside)."""
+        """How far the target lies outside what the last knob can reach at ``knob = v`` (0: within tolerance)."""
         low, high = reach(v)
         if high is None:
             return math.inf
-        return max(0.0, (low if low is not None else high) - budget * (1 + TOLERANCE), budget * (1 - TOLERANCE) - high)
+        low = high if low is None else low
+        return max(0.0, low - budget * (1 + TOLERANCE), budget * (1 - TOLERANCE) - high)
 
     v0 = float(getattr(s, knob))
     if gap(v0) == 0.0:
-        return s, pre
-    # Bisect on whichever end of the range misses the target, then keep the evaluated knob with the smallest gap
-    # (ties: the one closest to the configured value). The low end is not always monotone in the knob (PruneVid: a
-    # bigger group lets a small α keep a single token), so the gap decides, not the bisection's answer.
-    low, high = reach(v0)
-    end = 1 if high is not None and high < budget else 0
+        return s, pre, True
+    # Bisect on whichever end of the range misses the target, then keep the evaluated knob with the smallest gap.
+    # The low end is not always monotone in the knob (PruneVid: a bigger group lets a small α keep a single token),
+    # so the gap decides, not the bisection's own answer.
+    end = 1 if (reach(v0)[1] or 0.0) < budget else 0
     solve_monotone(lambda v: reach(v)[end], budget, iters=_ITERS_PRE_LLM)
-    v = min(cache, key=lambda k: (gap(k), abs(k - v0)))
-    return _with(s, **{knob: v}), pre_at(v)
+    if tokens_in:
+        v = min(cache, key=lambda k: (gap(k), abs(reach(k)[1] - budget), abs(k - v0)))
+        seen = [reach(k)[1] for k in cache]
+        bracketed = min(seen) <= budget * (1 + TOLERANCE) and max(seen) >= budget * (1 - TOLERANCE)
+    else:
+        v = min(cache, key=lambda k: (gap(k), abs(k - v0)))
+        bracketed = gap(v) == 0.0
+    return _with(s, **{knob: v}), pre_at(v), bracketed
 
 
 def _solve_last(

@@ -110,7 +110,7 @@ def train(args: argparse.Namespace) -> Path:
             curve.write(json.dumps({**row, "s": round(time.time() - start, 1)}) + "\n")
             curve.flush()
             if step % 10 == 0:
-                print(f"step {step}/{total} frames {frames} loss {float(loss):.3f} acc {acc:.2f} "
+                print(f"step {step}/{total} frames {frames} loss {float(loss.detach()):.3f} acc {acc:.2f} "
                       f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
             step += 1
     curve.close()

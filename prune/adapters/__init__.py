@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from prune.adapters.llm import Generation, PrunedLM
     from prune.api import Strategy
 
-__all__ = ["VideoAdapter"]
+__all__ = ["VideoAdapter", "swap_strategy"]
 
 
 @runtime_checkable
@@ -59,3 +59,21 @@ class VideoAdapter(Protocol):
             **inputs: extra model inputs (ST-LLM: the Q-Former's question ids).
         """
         ...
+
+
+def swap_strategy(adapter: VideoAdapter, strategy: Strategy) -> None:
+    """Install ``strategy`` on a built adapter in place of one with the same in-LLM stages.
+
+    The budget wrapper (``prune.budget.AtBudget``) needs the LLM's shape, known only once the model is loaded; its
+    ``layer_specs`` are those of the strategy it wraps, so the hooks the adapter installed stay valid.
+
+    Raises:
+        ValueError: the two strategies score different layers or in different ways.
+    """
+    if tuple(strategy.layer_specs) != tuple(adapter.strategy.layer_specs):
+        raise ValueError(
+            f"cannot swap {adapter.strategy.name} for {strategy.name}: their layer_specs differ "
+            f"({adapter.strategy.layer_specs} vs {strategy.layer_specs}); build a new adapter instead"
+        )
+    adapter.strategy = strategy
+    adapter.llm.strategy = strategy

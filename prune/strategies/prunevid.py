@@ -412,8 +412,9 @@ class PruneVid:
     k: int = 7
     seed: int = 0
     name: str = "prunevid"
-    # prune.budget: stage 1's merging ratio γ sets the tokens entering the LLM, then α is solved on stage 1's output.
-    budget_knobs: ClassVar[tuple[str, ...]] = ("cluster_ratio", "ratio")
+    # prune.budget: stage 1 first (its merging ratio γ; the static threshold τ only when γ alone cannot keep enough
+    # tokens of a static video), then α on stage 1's output.
+    budget_knobs: ClassVar[tuple[str, ...]] = ("cluster_ratio", "tau", "ratio")
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)

@@ -58,9 +58,11 @@ def test_the_design_card_override_syntax():
     assert cfg.model.checkpoint == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
 
-def test_defaults_are_the_embedded_tiny_setup():
+def test_defaults_are_the_known_answer_probe():
     cfg = compose_config([])
-    assert (cfg.model.name, cfg.benchmark.name, cfg.benchmark.mode) == ("tiny_llava_ov", "tiny", "offline")
+    assert (cfg.model.name, cfg.benchmark.name, cfg.benchmark.mode) == ("probe_llava_ov", "probe", "offline")
+    assert (cfg.prune._target_.rsplit(".", 1)[-1], cfg.ratio, cfg.paired_baseline) == ("HieraVid", 0.3, True)
+    assert (cfg.prune.num_layers, list(cfg.prune.boundaries)) == (4, [1, 2, 3])  # the probe's model_prune entry
 
 
 @pytest.mark.parametrize("model", ["tiny_llava_ov", "tiny_llava_video"])

@@ -113,7 +113,15 @@ def test_none_predictions_on_the_tiny_bundle_do_not_drift(tmp_path, offline):
     ``VIDPRUNE_UPDATE_DRIFT=1 make test PYTEST_ARGS="-k drift"`` and commit the file with the reason.
     """
     cfg = compose_config(
-        ["prune=none", f"results_dir={tmp_path}", "limit=2", "max_new_tokens=4", "paired_baseline=false"]
+        [
+            "model=tiny_llava_ov",
+            "benchmark=tiny",
+            "prune=none",
+            f"results_dir={tmp_path}",
+            "limit=2",
+            "max_new_tokens=4",
+            "paired_baseline=false",
+        ]
     )
     from eval.runner import _prepare_tasks
 

@@ -102,6 +102,8 @@ def fake(monkeypatch):
 def _cfg(data_dir, results, *extra, benchmarks="[videomme]"):
     return compose_config(
         [
+            "model=tiny_llava_ov",
+            "benchmark=tiny",
             f"benchmark.data_dir={data_dir}",
             "benchmark.build=false",
             f"benchmark.benchmarks={benchmarks}",
@@ -258,8 +260,14 @@ def test_every_bad_option_is_one_line_naming_key_and_value(bundle, override, nee
 
 def test_a_sweep_with_one_bad_value_fails_before_any_job(bundle):
     with pytest.raises(OptionError, match="threads=0"):
-        precheck(["-m", f"benchmark.data_dir={bundle}", "benchmark.build=false", "threads=1,0"], compose_config)
-    precheck(["-m", f"benchmark.data_dir={bundle}", "benchmark.build=false", "ratio=0.2,0.3"], compose_config)
+        precheck(
+            ["-m", "benchmark=tiny", f"benchmark.data_dir={bundle}", "benchmark.build=false", "threads=1,0"],
+            compose_config,
+        )
+    precheck(
+        ["-m", "benchmark=tiny", f"benchmark.data_dir={bundle}", "benchmark.build=false", "ratio=0.2,0.3"],
+        compose_config,
+    )
 
 
 @pytest.mark.parametrize("override", ["threads=-2", "model.name=../../escape", "nosuchkey=1"])

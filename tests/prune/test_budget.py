@@ -277,3 +277,16 @@ def test_a_new_method_plugs_in_through_the_contract():
     assert sol.reachable and not warned and abs(sol.achieved - 0.2) <= TOLERANCE * 0.2
     assert s.ratio == pytest.approx(math.sqrt(0.4), abs=0.01)  # final = ratio² / 2
     assert pre.n == s.layer_counts(pre, NUM_LAYERS)[0] == max(1, round(s.ratio**2 * N))
+
+
+def test_prunevid_moves_tau_only_when_merging_cannot_keep_enough():
+    """Almost every location static: stage 1 keeps ~13 % even at γ = 1, so a 30 % target raises τ; 10 % does not."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(H * W, D, generator=g) + 0.05 * torch.randn(T, H * W, D, generator=g)
+    x[:, :10] += torch.randn(T, 10, D, generator=g)
+    video = VideoTokens(x, (H, W), text=torch.randn(TEXT, D, generator=g))
+    prunevid = _strategy("prunevid")
+    s, pre, sol, warned = _solve(prunevid, video, 0.3, "layer_avg")
+    assert sol.reachable and not warned and s.tau > prunevid.tau
+    s, pre, sol, warned = _solve(prunevid, video, 0.1, "layer_avg")
+    assert sol.reachable and s.tau == prunevid.tau

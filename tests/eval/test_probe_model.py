@@ -1,0 +1,167 @@
+"""The committed probe model on a small probe subset: targets, blind control, broken pipelines, ratio 1.0, training.
+
+CI never trains the committed model: it loads tests/fixtures/probe_llava_ov. Samples come from the evaluation seed of
+configs/benchmark/probe.yaml, rendered in memory and run through the same Backbone (prompt, preprocessing, adapter)
+as `make eval`, without lmms-eval around it, so a check costs seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from eval.probe import FAMILIES, ProbeTokenizer, generate, model_vocab, render
+from eval.runner import compose_config, make_backbone
+from prune.adapters.llava_onevision import LlavaOnevisionAdapter, answer_logits, tiny_llava_onevision
+from prune.strategies.none import NoPruning
+
+ROOT = Path(__file__).resolve().parents[2]
+CKPT = ROOT / "tests" / "fixtures" / "probe_llava_ov"
+EVAL_SEED = yaml.safe_load((ROOT / "configs" / "benchmark" / "probe.yaml").read_text())["seed"]
+PER_FAMILY = 8
+sys.path.insert(0, str(ROOT / "scripts"))
+import train_probe  # noqa: E402
+
+
+def _backbone(prune: str = "none", ratio: float = 1.0, *extra: str):
+    return make_backbone(
+        compose_config(["model=probe_llava_ov", f"prune={prune}", f"ratio={ratio}", "device=cpu", *extra])
+    )
+
+
+def _predict(backbone, samples, frames=lambda video: video) -> list[str]:
+    out = []
+    for s in samples:
+        ids = backbone.prompt_ids(s.question)
+        gen = backbone.adapter.generate(ids, backbone.preprocess(frames(render(s))), max_new_tokens=1)
+        out.append(backbone.tokenizer.decode(gen.tokens))
+    return out
+
+
+def _accuracy(samples, predictions, family: str | None = None) -> float:
+    pairs = [(s, p) for s, p in zip(samples, predictions, strict=True) if family in (None, s.family)]
+    return sum(s.answer == p for s, p in pairs) / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return generate(EVAL_SEED, PER_FAMILY)
+
+
+@pytest.fixture(scope="module")
+def none_predictions(samples):
+    return _predict(_backbone(), samples)
+
+
+def test_checkpoint_matches_its_sha256():
+    expected = (CKPT / "SHA256").read_text().split()[0]
+    assert hashlib.sha256((CKPT / "model.safetensors").read_bytes()).hexdigest() == expected
+    assert (CKPT / "model.safetensors").stat().st_size <= 2 * 1024 * 1024
+
+
+def test_none_answers_the_families_it_learned(samples, none_predictions):
+    """What the committed model does (docs/probe.md): needle, order and detail well above chance, count and motion not
+    learned in the training budget. The issue's target (>= 90 % on every family) is not met; this guards the level
+    reached, so a broken pipeline shows up as a drop."""
+    accuracy = {f: _accuracy(samples, none_predictions, f) for f in FAMILIES}
+    assert all(accuracy[f] >= 0.5 for f in ("needle", "order", "detail")), accuracy
+    assert _accuracy(samples, none_predictions) >= 0.45, accuracy
+
+
+def test_blind_control_is_near_chance(samples):
+    predictions = _predict(_backbone("random", 0.0005), samples)  # one visual token of 1,568
+    assert abs(_accuracy(samples, predictions) - 0.25) <= 0.15
+
+
+def test_reversed_frames_lose_order(samples, none_predictions):
+    order = [s for s in samples if s.family == "order"]
+    reversed_predictions = _predict(_backbone(), order, frames=lambda video: video[::-1].copy())
+    # The committed model learned order only partly (70 % on the evaluation seed), so the margin is small: reversed
+    # frames cost it at least 10 points here; a model that learned order would name the second colour (docs/probe.md).
+    assert _accuracy(order, reversed_predictions) <= _accuracy(samples, none_predictions, "order") - 0.1
+
+
+def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> int:
+    """The none splice with only the visual tokens ``keep``; positions original (gapped) or renumbered."""
+    model = adapter.model
+    grid = adapter.video_grid(pixels)
+    visual = torch.cat([grid.reshape(-1, grid.shape[-1])[keep], model.model.image_newline[None]])
+    at = ids.index(model.config.video_token_id)
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(torch.tensor(ids[:at])), visual, embed(torch.tensor(ids[at + 1 :]))])[None]
+    full = torch.arange(len(ids) - 1 + grid.shape[0] * grid.shape[1] * grid.shape[2] + 1)
+    vis_pos = at + torch.cat([keep, torch.tensor([grid.shape[0] * grid.shape[1] * grid.shape[2]])])
+    positions = torch.cat([full[:at], vis_pos, full[at + 1 + int(vis_pos[-1]) - at :]])
+    if renumber:
+        positions = torch.arange(embeds.shape[1])
+    hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions[None]).last_hidden_state
+    return int(model.lm_head(hidden[0, -1]).argmax())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the committed model answers order as well with renumbered positions (5 of 8 both ways): it did not learn "
+    "to use positions in its training budget (docs/probe.md); a retrained model that does makes this pass",
+)
+def test_renumbered_positions_after_a_drop_lose_order(samples):
+    backbone = _backbone()
+    tok = backbone.tokenizer
+    order = [s for s in samples if s.family == "order"]
+    gen = torch.Generator().manual_seed(0)
+    hits = {False: 0, True: 0}
+    with torch.no_grad():
+        for s in order:
+            pixels = backbone.preprocess(render(s))
+            ids = backbone.prompt_ids(s.question)[0].tolist()
+            n = pixels.shape[1] * 196
+            keep = torch.randperm(n, generator=gen)[: n // 10].sort().values  # a random 10 % survives
+            for renumber in (False, True):
+                hits[renumber] += tok.decode([_kept_forward(backbone.adapter, pixels, ids, keep, renumber)]) == s.answer
+    # Original positions: a random 10 % of the tokens keeps order as well as none does on this subset (5 of 8);
+    # renumbered positions lose it.
+    assert hits[False] / len(order) >= 0.5, hits
+    assert hits[True] < hits[False], hits
+
+
+@pytest.mark.parametrize("prune", ["fastv", "random", "pool"])
+def test_ratio_one_gives_the_none_predictions(samples, none_predictions, prune):
+    """Methods whose ratio 1.0 keeps every token answer exactly as none (2 samples per family, for time)."""
+    few = [i for i, s in enumerate(samples) if s.index < 2]
+    assert _predict(_backbone(prune, 1.0), [samples[i] for i in few]) == [none_predictions[i] for i in few]
+
+
+def test_training_forward_equals_the_adapter_none_path():
+    model = tiny_llava_onevision(seed=3, **model_vocab())
+    sample = generate(1, 1, families=["order"], num_frames=2)[0]
+    pixels = train_probe.pixels_of(render(sample))[None]
+    ids = train_probe.prompt_ids(ProbeTokenizer(), sample.question)
+    adapter = LlavaOnevisionAdapter(model, NoPruning(), num_frames=2)
+    gen = adapter.generate(torch.tensor([ids]), pixels, max_new_tokens=1, return_logits=True)
+    with torch.no_grad():
+        batched = answer_logits(model, torch.cat([pixels, pixels]), [ids, ids])
+    torch.testing.assert_close(batched[0], gen.logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched[1], batched[0])
+
+
+def _args(out: Path, phases: str) -> argparse.Namespace:
+    return argparse.Namespace(out=str(out), seed=0, phases=phases, batch=8, lr=3e-3, warmup=30, layers=4, threads=1)
+
+
+def test_training_is_deterministic(tmp_path):
+    digests = [(train_probe.train(_args(tmp_path / str(i), "2:2")) / "SHA256").read_text() for i in range(2)]
+    assert digests[0] == digests[1]
+
+
+def test_a_short_training_run_falls_below_the_answer_prior(tmp_path):
+    """The recipe still learns: the letter loss ends below ln 4, what the best video-blind answer scores."""
+    out = train_probe.train(_args(tmp_path, "2:80"))
+    losses = [json.loads(line)["loss"] for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert sum(losses[-10:]) / 10 < math.log(4), losses[-10:]
