@@ -33,6 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lockcheck import normalise  # the drift check's PEP 503 rule, so both sides name packages alike
+
 ROOT = Path(__file__).resolve().parents[1]
 REQ = ROOT / "requirements"
 PYTHON_VERSION = "3.11"  # the torch CPU wheel on our machines is cp311; `make setup` refuses other Pythons
@@ -49,7 +51,7 @@ HEADER = """\
 
 def block_name(block: str) -> str:
     """Normalised package name of one requirement block (``Foo_Bar==1.0 \\`` -> ``foo-bar``)."""
-    return re.sub(r"[-_.]+", "-", block.split("==", 1)[0].strip()).lower()
+    return normalise(block.split("==", 1)[0].strip())
 
 
 def parse_blocks(text: str) -> dict[str, str]:
@@ -123,6 +125,8 @@ def main() -> None:
         cuda_args = [str(tmp / "torch.in"), "-c", str(pins), "-c", str(REQ / "constraints.in")]
         cuda = parse_blocks(uv(*cuda_args, out=tmp / "cuda.txt"))
         cpu_torch = cpu_torch.split("\n    # via")[0] + "\n    # via vidprune (pyproject.toml): the CPU build"
+        # uv names its temporary input file here; a fixed line keeps a refresh that changes nothing diff-free.
+        cuda["torch"] = cuda["torch"].split("\n    # via")[0] + "\n    # via vidprune (pyproject.toml): PyPI's build"
 
         slurm = compile_env(["dev", "slurm"], tmp, args.torch_find_links, REQ / "lock.txt")
         slurm.pop("torch", None)
