@@ -388,3 +388,21 @@ def test_ratio_one_reproduces_none(ov, video, name, layout):
     assert outs[0].tokens == outs[1].tokens
     for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layout", ["onevision", "video"])
+def test_holitom_ratio_one_reproduces_none(ov, video, layout):
+    """ratio=1.0 == none end to end for HoliTom (no static merge, no inner merge, positions untouched)."""
+    from prune.strategies.holitom import HoliTom
+
+    outs = []
+    for strategy in (HoliTom(ratio=1.0, merge_layer=3), NoPruning()):
+        adapter = LlavaOnevisionAdapter(ov, strategy, layout, num_frames=T)
+        try:
+            outs.append(adapter.generate(_ids(), video, max_new_tokens=4, return_logits=True))
+        finally:
+            adapter.llm.remove()
+    assert outs[0].tokens == outs[1].tokens
+    assert outs[0].llm.visual_per_layer == outs[1].llm.visual_per_layer
+    for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

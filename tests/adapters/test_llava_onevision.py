@@ -31,6 +31,7 @@ TINY_OVERRIDES = {
     "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
     "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
     "framefusion": {"num_layers": 4},
+    "holitom": {"merge_layer": 3},
 }
 
 

@@ -506,3 +506,65 @@ def test_mid_layer_merge_equals_merging_between_attention_and_mlp_by_hand(llm, l
     assert stats.kv_len_per_layer[layer] == x.shape[1]  # its attention ran before the merge
     for step, row in enumerate(logits):
         torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)
+
+
+# --- HoliTom's inner merge ------------------------------------------------------------------------------------------
+
+
+def _holitom_by_hand(lm, head, x, generated, merge_layer, merge_ratio):
+    """HoliTom's ``Qwen2Model_holitom.forward`` by hand over prompt + generated tokens: layer ``k - 1``'s attention of
+    the last prompt token (head mean) keeps ``round(n * (1 - r))`` visual tokens; every other visual token is averaged
+    into its most cosine-similar survivor one by one in index order (``h = (h + h_t) / 2``, the official loop); the
+    survivors keep their positions, the generated tokens see every token in the layers before ``k``."""
+    s = x.shape[1]
+    with torch.no_grad():
+        new = lm.embed_tokens(torch.tensor(generated[:-1]))[None]
+        h = torch.cat([x, new], 1)
+        total = h.shape[1]
+        orig = pos = torch.arange(total)
+        mask_full = torch.zeros(total, total).masked_fill(~torch.ones(total, total, dtype=torch.bool).tril(), -1e30)
+        keep, entering = None, {}
+        for i, layer in enumerate(lm.layers):
+            if i == merge_layer:  # layer k - 1's own attention: its q/k on the states that entered it
+                scores = _pdrop_scores(lm, entering[i - 1][:, :s], pos[:s], i - 1)[PREFIX : PREFIX + N]
+                k = round(N * (1 - merge_ratio))
+                keep = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:k]).values
+                vis = h[0, PREFIX : PREFIX + N].clone()
+                absorbed = [t for t in range(N) if t not in set(keep.tolist())]
+                unit = torch.nn.functional.normalize(vis, dim=-1)
+                for t in absorbed:  # similarities from the states entering layer k, before any merge
+                    j = int(keep[int((unit[keep] @ unit[t]).argmax())])
+                    vis[j] = (vis[j] + vis[t]) / 2
+                h = h.clone()
+                h[0, PREFIX : PREFIX + N] = vis
+                idx = torch.cat([torch.arange(PREFIX), PREFIX + keep, torch.arange(PREFIX + N, total)])
+                h, orig, pos = h[:, idx], orig[idx], pos[idx]
+            entering[i] = h
+            mask = mask_full[orig][:, orig][None, None]
+            cos, sin = lm.rotary_emb(h, pos[None])
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos[None])
+        logits = head(lm.norm(h))[0].float()
+    return keep, logits[-len(generated) :]
+
+
+@pytest.mark.parametrize("merge_layer", [1, 3])
+def test_holitom_merge_decodes_like_the_official_loop_recomputed(llm, merge_layer):
+    """On every tiny backbone's LLM: HoliTom's inner merge through the adapter (scores, survivors, sequential
+    averaging as LayerMerge weights, kept positions, full caches before layer k) decodes the same logits as the
+    official loop recomputed on the merged sequence."""
+    from prune.strategies.holitom import HoliTom
+
+    lm, head = llm
+    strategy = HoliTom(ratio=0.3, merge_layer=merge_layer, merge_ratio=0.5)
+    x, vis, _ = _prompt(lm)
+    pre = PreLLMOutput(x[0, PREFIX : PREFIX + N], torch.arange(2 * N) // 2)  # an outer stage that pruned (n < N)
+    pruned = PrunedLM(lm, head, strategy)
+    try:
+        tokens, stats, logits = pruned.generate(x, vis, pre, max_new_tokens=5, return_logits=True)
+    finally:
+        pruned.remove()
+    keep, ref = _holitom_by_hand(lm, head, x, tokens, merge_layer, 0.5)
+    assert stats.visual_per_layer == [N] * merge_layer + [N // 2] * (4 - merge_layer)
+    assert torch.equal(stats.kept[0], keep)
+    for step, row in enumerate(logits):
+        torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)

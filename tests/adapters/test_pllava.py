@@ -42,6 +42,7 @@ TINY_OVERRIDES = {
     "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
     "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
     "framefusion": {"num_layers": 4},
+    "holitom": {"merge_layer": 3},
 }
 
 # Tiny original checkpoint: 2 CLIP layers (width 32), 2 Llama layers (width 64, 4 heads), LoRA rank 8 on q/v.

@@ -42,6 +42,7 @@ TINY_OVERRIDES = {
     "hieravid": {"num_layers": 4, "boundaries": [1, 2, 3]},
     "pdrop": {"num_layers": 4, "layers": [1, 2, 3]},
     "framefusion": {"num_layers": 4},
+    "holitom": {"merge_layer": 3},
 }
 # Tiny geometry of the original checkpoint written below.
 DV, FV, LV, DQ, FQ, LQ, VQ, D, FF, L, V = 32, 64, 4, 32, 64, 2, 30523, 64, 128, 4, 32001

@@ -55,6 +55,10 @@ STRUCTURAL = {
 # PyramidDrop's layers before its first boundary see every token: targets below that floor (one token per later
 # stage) are out of reach. The floor is computed from the schedule, not listed by hand.
 FLOORED = {"pdrop"}
+# HoliTom merges its static windows at every ratio below 1 (ratio 1 is the unpruned model) and halves the tokens at
+# its merge layer: targets above what it keeps with every dynamic token (ratio just below 1) are out of reach, and the
+# nearest value is that ceiling. The ceiling is computed from the video, not listed by hand.
+CEILINGED = {"holitom"}
 # Targets between two achievable counts: every frame's dynamic PruneVid group has the same size, so its stage-1 and
 # stage-2 counts move in steps of at least T tokens (16 / 2304 = 0.7 %, 7 % of a 10 % budget); on the static video
 # the static groups of the segments step at the same γ, 18 tokens at once. The nearest count is within half a step.
@@ -70,6 +74,10 @@ GRANULAR = {
         for kind in KINDS
         for measure in ("tokens_in", "final", "layer_avg")
     ),
+    # HoliTom keeps ceil(P_dyn * r') of every frame: on the mixed video (one static window, 72 dynamic locations per
+    # frame) its count moves in steps of T = 16 tokens; the nearest is within half a step
+    ("holitom", "mixed", "tokens_in", 0.1),
+    ("holitom", "mixed", "layer_avg", 0.1),
 }
 
 
@@ -154,8 +162,12 @@ def test_every_strategy_hits_every_measure(name, kind, measure):
         assert pre.solved == sol and dict(sol.knobs) == {k: getattr(s, k) for k, _ in sol.knobs}, where
         assert min(counts) >= 1, where
         below_floor = name in FLOORED and budget < (1 - TOLERANCE) * _floor(s, measure)
-        if (name, measure) in STRUCTURAL or (name, kind, measure, budget) in GRANULAR or below_floor:
+        ceiling = _ceiling(s, video, measure) if name in CEILINGED else math.inf
+        above_ceiling = budget > (1 + TOLERANCE) * ceiling
+        if (name, measure) in STRUCTURAL or (name, kind, measure, budget) in GRANULAR or below_floor or above_ceiling:
             assert not sol.reachable and len(warned) == 1, where
+            if above_ceiling:
+                assert sol.achieved == pytest.approx(ceiling), where
             _assert_nearest(s, pre, sol, where)
             if (name, kind, measure, budget) in GRANULAR:  # within half a step of at most 18 tokens
                 assert abs(sol.achieved - budget) <= 9 / N + 1e-9, where
@@ -168,6 +180,12 @@ def _floor(s, measure: str) -> float:
     """The smallest achievable value of ``measure`` for an in-LLM schedule: its smallest counts (knob near 0)."""
     counts = dataclasses.replace(s, ratio=1e-4).planned_counts(N, NUM_LAYERS)
     return achieved(counts, N, measure, TEXT, HIDDEN, FFN)
+
+
+def _ceiling(s, video: VideoTokens, measure: str) -> float:
+    """The largest value of ``measure`` below ``ratio = 1`` for HoliTom: every dynamic token kept (``r' = 1``)."""
+    top = dataclasses.replace(s, ratio=1 - 1e-9)
+    return achieved(top.layer_counts(top.pre_llm(video), NUM_LAYERS), N, measure, TEXT, HIDDEN, FFN)
 
 
 def _assert_nearest(s, pre: PreLLMOutput, sol, where: str) -> None:
@@ -204,7 +222,7 @@ def test_targets_below_the_structure_give_the_nearest_value_and_a_warning():
     assert not sol.reachable and warned and s.layer_counts(pre, NUM_LAYERS)[-1] == 1
 
 
-@pytest.mark.parametrize("name", ["prunevid", "hieravid", "fastv", "pool"])
+@pytest.mark.parametrize("name", ["prunevid", "hieravid", "fastv", "pool", "holitom"])
 def test_at_budget_runs_through_the_contract(name):
     """The wrapper is a strategy: simulate() (what an adapter does) reaches the solved budget, knobs in the output."""
     inner = _strategy(name)

@@ -65,6 +65,17 @@ def _expected_ok(name: str, s: Strategy, pre: PreLLMOutput, budget: TokenBudget)
         p = n_in // T_FRAMES
         cut = sum(ref is not None for ref in ttm_plan(T_FRAMES))
         ok = pre.n == n_in - cut * (p - min(p, int(r * p))) and set(budget.per_layer) == {pre.n}
+    elif name == "holitom":
+        # HoliTom's own count: r' = r / ((N - R) / N) spread over windows (round) and frames (ceil), so the total is
+        # r * N up to half a token per window below and under one token per frame above; then round(n * (1 - r_m))
+        # from merge_layer on. ratio 1 is the unpruned model.
+        k = s.merge_layer
+        if r == 1.0:
+            ok = pre.n == n_in and budget.per_layer == (n_in,) * NUM_LAYERS
+        else:
+            ok = -T_FRAMES / 2 <= pre.n - r * n_in < T_FRAMES and budget.per_layer == (pre.n,) * k + (
+                round(pre.n * (1 - s.merge_ratio)),
+            ) * (NUM_LAYERS - k)
     else:
         return f"no budget rule for strategy config {name!r}: add one to BUDGET_RULES in {__file__}"
     return None if ok else f"{name} at ratio {r}: budget not met: pre={pre.n}, per_layer={budget.per_layer}"
@@ -103,6 +114,7 @@ def _scores(seed=0):
 def test_every_config_is_covered():
     assert {"none", "fastv", "prunevid", "hieravid", "random", "pool"} <= set(NAMES)
     assert {"visionzip", "vidcom2", "fastvid", "dycoke"} <= set(NAMES)
+    assert {"pdrop", "framefusion", "holitom"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
