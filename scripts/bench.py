@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: llava_ov on CUDA, cpu on CPU")
     ap.add_argument(
         "--methods",
-        default="fastv,prunevid,hieravid,pdrop,framefusion,visionzip,vidcom2,fastvid,dycoke,pool,random",
+        default="fastv,prunevid,hieravid,pdrop,framefusion,holitom,visionzip,vidcom2,fastvid,dycoke,pool,random",
         help="compared against none",
     )
     ap.add_argument("--ratios", default="0.3", help="comma-separated; each method runs at each ratio")

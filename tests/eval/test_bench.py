@@ -48,3 +48,18 @@ def test_bench_includes_the_video_native_methods(tmp_path):
         r = rows[name]
         assert r["flops_ratio"] < 1 and r["ttft_ms"] > 0, name  # all four shorten the prefill at 0.3
     assert rows["visionzip"]["visual_pre_llm"] == 4 * 59  # keep_count(0.3, 196) per frame
+
+
+def test_bench_includes_the_in_llm_merging_methods(tmp_path):
+    methods = "pdrop,framefusion,holitom"
+    argv = ["--preset", "tiny", "--repeats", "1", "--methods", methods, "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("cpu-tiny-*.json")
+    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"none", *methods.split(",")}
+    for name in methods.split(","):
+        assert rows[name]["flops_ratio"] < 1 and rows[name]["ttft_ms"] > 0, name
+    # HoliTom: its own count enters the LLM, the inner merge halves it from layer 3 (tiny_llava_ov_holitom.yaml)
+    text = bench.TEXT_BEFORE + bench.TEXT_AFTER
+    n = rows["holitom"]["visual_pre_llm"]
+    assert rows["holitom"]["tokens_per_layer"] == [n + text] * 3 + [round(n / 2) + text]
