@@ -259,18 +259,23 @@ class HoliTom:
             return PreLLMOutput(tokens.reshape(t * p, d), torch.arange(t * p, device=device))
         x = tokens.float()
         attn = video.frame_patch_attn.float()
-        unit = F.normalize(x, dim=-1)
-        sim = (unit[:-1] * unit[1:]).sum(dim=-1)  # [T-1, P]
+        # cosine of consecutive frames per location, frame pair by frame pair (no [T-1, P, D] temporary)
+        norm = torch.linalg.vector_norm(x, dim=-1)
+        dots = [(x[i] * x[i + 1]).sum(dim=-1) for i in range(t - 1)]
+        sim = torch.stack(dots) if dots else x.new_zeros(0, p)
+        sim = sim / (norm[:-1] * norm[1:]).clamp_min(1e-8)  # [T-1, P]
         windows, reduced = static_windows(sim, self.tau, self.max_window)
         total = t * p
         r = min(self.ratio / ((total - reduced) / total), 1)  # the official expression, so floats round alike
         generator = torch.Generator().manual_seed(self.seed)
         flops = 2.0 * (t - 1) * p * d  # consecutive-frame cosines (matmul-class work only)
 
-        out: list[Tensor] = []  # [*, D] pieces in output order
+        static_tok: list[Tensor] = []  # [*, D] merged static tokens, in output order
         origin: list[Tensor] = []  # the input token (flattened t * P + p) whose place each output token takes
+        is_merged: list[Tensor] = []  # [*] bool: the output token is a merged static token
         assignment = torch.full((total,), -1, dtype=torch.long, device=device)
         every = torch.arange(p, device=device)
+        n_out = 0
         for start, end in windows:
             if start == end:
                 is_static = torch.zeros(p, dtype=torch.bool, device=device)
@@ -302,34 +307,37 @@ class HoliTom:
                 s_loc = static_loc[centre]
             # dynamic tokens of every frame: ceil(P_dyn * r') by vision attention, raster order
             keep_dyn = math.ceil(dynamic_loc.numel() * r)
-            frames = []
-            for frame in range(start, end + 1):
-                top = torch.sort(attn[frame, dynamic_loc], descending=True, stable=True).indices[:keep_dyn]
-                frames.append(dynamic_loc[torch.sort(top).values])
-            # output order: (tokens, location, frame) per output token; static tokens sit in the window's first frame
-            dyn = [
-                (x[f, loc], loc, torch.full_like(loc, f)) for f, loc in zip(range(start, end + 1), frames, strict=True)
-            ]
-            static = (s_tok, s_loc, torch.full_like(s_loc, start))
+            top = torch.sort(attn[start : end + 1, dynamic_loc], dim=1, descending=True, stable=True).indices
+            kept = dynamic_loc[torch.sort(top[:, :keep_dyn], dim=1).values]  # [W, keep_dyn] locations
+            # output order as (location, frame) pairs; static tokens sit in the window's first frame
+            frames = torch.arange(start, end + 1, device=device)[:, None].expand_as(kept)
+            s_frame = torch.full_like(s_loc, start)
             if self.order == "static_first":  # LLaVA-OneVision: static tokens, then every frame's dynamic ones
-                pieces = [static, *dyn]
+                locs = torch.cat([s_loc, kept.reshape(-1)])
+                fr = torch.cat([s_frame, frames.reshape(-1)])
             else:  # LLaVA-Video grid: the first frame holds the static tokens, every frame sorted by location
-                first = [torch.cat([a, b]) for a, b in zip(static, dyn[0], strict=True)]
-                by_loc = torch.sort(first[1], stable=True).indices
-                pieces = [tuple(v[by_loc] for v in first), *dyn[1:]]
-            placed, locs, fr = (torch.cat([pc[i] for pc in pieces]) for i in range(3))
+                first = torch.cat([s_loc, kept[0]])
+                by_loc = torch.sort(first, stable=True).indices
+                locs = torch.cat([first[by_loc], kept[1:].reshape(-1)])
+                fr = torch.cat([torch.full_like(first, start), frames[1:].reshape(-1)])
             flat = fr * p + locs
-            is_static_out = is_static[locs] & (fr == start)  # dynamic tokens never sit at a static location
-            slot = sum(o.shape[0] for o in out) + torch.arange(locs.numel(), device=device)
-            assignment[flat[~is_static_out]] = slot[~is_static_out]
+            merged = is_static[locs] & (fr == start)  # dynamic tokens never sit at a static location
+            slot = n_out + torch.arange(locs.numel(), device=device)
+            assignment[flat[~merged]] = slot[~merged]
             if s_loc.numel():  # every frame's copy of a static location goes to its cluster (centre order kept)
-                member_slot = slot[is_static_out][s_into]
+                member_slot = slot[merged][s_into]
                 for f in range(start, end + 1):
                     assignment[f * p + static_loc] = member_slot
-            out.append(placed)
+            n_out += locs.numel()
+            static_tok.append(s_tok)
             origin.append(flat)
-        tokens_out = torch.cat(out).to(tokens.dtype)
-        return PreLLMOutput(tokens_out, assignment, origin=torch.cat(origin), flops=flops)
+            is_merged.append(merged)
+        flat = torch.cat(origin)
+        merged = torch.cat(is_merged)
+        out = tokens.reshape(total, d)[flat]  # one gather of the kept tokens, in the input dtype
+        if bool(merged.any()):
+            out[merged] = torch.cat(static_tok).to(tokens.dtype)
+        return PreLLMOutput(out, assignment, origin=flat, flops=flops)
 
     def in_llm(self, step: LayerInput) -> Tensor | LayerMerge:
         """Keep the ``round(n * (1 - r))`` most attended tokens; merge each other into its most similar survivor.
