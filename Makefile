@@ -14,8 +14,9 @@ PYCHECK := import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else
 
 .PHONY: help setup lock test lint format eval sweep tables bench bench-prune viz probe-model clean
 
-# `make eval model=llava_ov prune=hieravid ratio=0.3` sets these make variables; they become Hydra overrides.
-EVAL_VARS := model prune benchmark ratio limit seed device threads paired_baseline logger max_new_tokens results_dir
+# `make eval model=llava_ov prune=hieravid ratio=0.3` (or `budget=0.3 budget_measure=flops` instead of ratio) sets
+# these make variables; they become Hydra overrides.
+EVAL_VARS := model prune benchmark ratio budget budget_measure limit seed device threads paired_baseline logger max_new_tokens results_dir
 OVERRIDES := $(foreach v,$(EVAL_VARS),$(if $($(v)),$(v)=$($(v))))
 
 help:  ## list targets

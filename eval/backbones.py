@@ -20,7 +20,7 @@ import pkgutil
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,8 @@ class Backbone:
             "vision_flops": gen.vision_flops,
             "pre_llm_flops": float(gen.pre.flops) if gen.pre is not None else 0.0,
             "new_tokens": gen.llm.new_tokens,
+            # budget= runs: the knobs solved for this sample and what they achieve (prune.budget)
+            "budget": asdict(gen.pre.solved) if gen.pre is not None and gen.pre.solved else None,
             "timings_s": timings,
             "ttft_s": ttft,
             "decode_s_per_token": timings["decode"] / steps if steps > 0 else None,

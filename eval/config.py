@@ -12,10 +12,33 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONFIGS", "REPO", "compose_config", "make_backbone", "make_paired_backbones", "make_strategy"]
+__all__ = [
+    "CONFIGS",
+    "REPO",
+    "at_budget",
+    "budget_of",
+    "compose_config",
+    "make_backbone",
+    "make_paired_backbones",
+    "make_strategy",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+
+def budget_of(cfg: DictConfig) -> tuple[float, str] | None:
+    """``(budget, budget_measure)`` when the run asks for a target achieved budget, validated; else ``None``.
+
+    Raises:
+        ValueError: a budget outside (0, 1] or an unknown measure, named with what is accepted.
+    """
+    from prune.api import check_ratio
+    from prune.budget import check_measure
+
+    if cfg.get("budget") is None:
+        return None
+    return check_ratio(cfg.budget, "budget"), check_measure(str(cfg.get("budget_measure", "flops")))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -23,6 +46,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from eval.options import check_knob_overrides
+
+    check_knob_overrides(overrides)  # ratio= and budget= together is an error, whatever the route
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         return compose("eval", overrides=overrides)
@@ -36,18 +62,48 @@ def make_strategy(cfg: DictConfig):
 
 
 def make_backbone(cfg: DictConfig):
-    """Build the strategy and the backbone it runs on."""
-    from eval.backbones import build_backbone
+    """Build the strategy and the backbone it runs on; with ``budget=``, the strategy solved per sample.
 
+    The budget wrapper (:class:`prune.budget.AtBudget`) needs the LLM's depth and widths for the ``layer_avg`` and
+    ``flops`` measures, known once the model is built; it is swapped in then (same in-LLM stages).
+    """
+    from eval.backbones import build_backbone
+    from prune.adapters import swap_strategy
+
+    budget = budget_of(cfg)
     strategy = make_strategy(cfg)
-    return build_backbone(OmegaConf.to_container(cfg.model, resolve=True), strategy, cfg.device)
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), strategy, cfg.device)
+    if budget is not None and strategy.name != "none":
+        swap_strategy(backbone.adapter, at_budget(strategy, budget, backbone))
+    return backbone
+
+
+def at_budget(strategy, budget: tuple[float, str], backbone):
+    """``strategy`` wrapped to hit ``budget = (target, measure)`` on ``backbone``'s LLM (:class:`prune.budget.AtBudget`).
+
+    The wrapper needs the LLM's depth and widths for the ``layer_avg`` and ``flops`` measures and the separators of
+    the visual span (counted with the prompt text for ``flops``), known once the model is built.
+    """
+    from prune.budget import AtBudget
+
+    shape = backbone.llm_shape
+    return AtBudget(
+        strategy,
+        budget[0],
+        budget[1],
+        num_layers=shape.layers,
+        hidden=shape.hidden,
+        ffn=shape.ffn,
+        separators=backbone.adapter.separators_unpruned,
+    )
 
 
 def make_paired_backbones(cfg: DictConfig, base_cfg: DictConfig):
     """The ``none`` and the pruned backbone on one loaded model (paired timing without a second copy of the weights).
 
     ``none`` is installed first: the scoring kernel reports to the handle installed last, and a handle's hooks do
-    nothing while its own generate is not running, so each backbone runs exactly as it would alone.
+    nothing while its own generate is not running, so each backbone runs exactly as it would alone. With ``budget=``,
+    the pruned backbone's strategy is solved per sample (:func:`at_budget`).
 
     Returns:
         ``(none_backbone, pruned_backbone)``.
@@ -56,5 +112,9 @@ def make_paired_backbones(cfg: DictConfig, base_cfg: DictConfig):
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     none = build_backbone(model_cfg, make_strategy(base_cfg), cfg.device)
-    adapter = FAMILIES[model_cfg["family"]].adapter(none.adapter.model, make_strategy(cfg), model_cfg)
+    strategy = make_strategy(cfg)
+    budget = budget_of(cfg)
+    if budget is not None and strategy.name != "none":
+        strategy = at_budget(strategy, budget, none)
+    adapter = FAMILIES[model_cfg["family"]].adapter(none.adapter.model, strategy, model_cfg)
     return none, dataclasses.replace(none, adapter=adapter, warm=False)

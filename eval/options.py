@@ -17,7 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NAME_PATTERN", "OptionError", "build_strategy", "check_name", "precheck", "validate"]
+__all__ = [
+    "NAME_PATTERN",
+    "OptionError",
+    "build_strategy",
+    "check_knob_overrides",
+    "check_name",
+    "precheck",
+    "validate",
+]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 """Names that become folders (model, benchmark, strategy): one plain path component, no ``..``."""
@@ -126,6 +134,56 @@ def build_strategy(cfg: Any) -> Any:
         raise OptionError(f"prune={name}: {_first_line(cause)}") from err
 
 
+def check_knob_overrides(overrides: Sequence[str]) -> None:
+    """Refuse ``ratio=`` and ``budget=`` together on one command line: one sets each method's own knob, the other
+    solves that knob per sample.
+
+    Raises:
+        OptionError: both were given (``budget=null`` counts as not given).
+    """
+    given = {}
+    for override in overrides:
+        key, _, value = str(override).partition("=")
+        given[key.lstrip("+~")] = value
+    if "ratio" in given and given.get("budget", "null").strip().lower() not in ("null", "none", ""):
+        raise OptionError(
+            f"options ratio={given['ratio']} and budget={given['budget']} were both given: ratio sets each method's "
+            "own knob (docs/methods/README.md), budget solves that knob per sample so that the achieved "
+            f"budget_measure ({', '.join(_measures())}) hits the target; give one of them"
+        )
+
+
+def _measures() -> tuple[str, ...]:
+    from prune.budget import MEASURES
+
+    return MEASURES
+
+
+def _budget(cfg: Any, strategy: Any) -> None:
+    """``budget`` (null or a fraction in (0, 1]) and ``budget_measure``; the strategy must be solvable at a budget."""
+    from prune.budget import AtBudget
+
+    measure = cfg.get("budget_measure", "flops")
+    _choice("budget_measure", measure, _measures())
+    budget = cfg.get("budget")
+    if budget is None:
+        return
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, int | float)
+        or not (math.isfinite(budget) and 0 < budget <= 1)
+    ):
+        raise _fail("budget", budget, "a target fraction in (0, 1] of budget_measure, or null (the method's own ratio)")
+    if strategy.name == "none":
+        return  # none ignores its knob, as it ignores ratio
+    try:  # the solver's own checks (knobs are fields that leave the in-LLM stages alone, the measure is solvable)
+        AtBudget(strategy, float(budget), measure, num_layers=2, hidden=1, ffn=1)
+    except ValueError as err:
+        raise OptionError(
+            f"prune={strategy.name} budget={budget} budget_measure={measure}: {_first_line(err)}"
+        ) from None
+
+
 def validate(cfg: Any, repo: Path = REPO) -> Any:
     """Check every option of a composed eval config; return the built strategy (it validates its own settings).
 
@@ -152,6 +210,7 @@ def validate(cfg: Any, repo: Path = REPO) -> Any:
     _device(cfg.get("device"))
     strategy = build_strategy(cfg)
     check_name("prune (strategy name)", strategy.name)
+    _budget(cfg, strategy)
     return strategy
 
 
@@ -197,6 +256,7 @@ def precheck(argv: Sequence[str], compose: Callable[[list[str]], Any]) -> None:
             choices.append([text])
     combos = list(itertools.islice(itertools.product(*choices), MAX_SWEEP_COMBINATIONS))
     for combo in combos:
+        check_knob_overrides(combo)
         try:
             cfg = compose(list(combo))
         except Exception as err:  # noqa: BLE001 - Hydra's ConfigCompositionException and friends

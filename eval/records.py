@@ -1,6 +1,8 @@
 """Result records: the per-sample log written as samples finish, and the ``record.json`` of one evaluation cell.
 
-Layout: ``results/runs/<model>/<benchmark>/<prune>/<ratio>/{record.json, samples.jsonl, scores.jsonl, config.yaml}``.
+Layout: ``results/runs/<model>/<benchmark>/<prune>/<knob>/{record.json, samples.jsonl, scores.jsonl, config.yaml}``,
+``<knob>`` being the ratio (``0.3``; ``1.0`` for ``none``) or, for a target achieved budget, ``<measure>-<budget>``
+(``flops-0.3``; :func:`knob_folder`).
 
 ``samples.jsonl`` gets one line per generated sample, written with one ``write`` and fsynced before the next sample
 starts, so a killed run loses at most the sample in flight; a torn last line is cut off before the next append. Each
@@ -40,6 +42,7 @@ __all__ = [
     "config_hash",
     "environment",
     "evidence_summary",
+    "knob_folder",
     "percentile",
     "write_atomic",
 ]
@@ -134,6 +137,15 @@ def cell_dir(results_dir: Path, *names: str) -> Path:
     if os.path.commonpath([root, path]) != str(root):
         raise ValueError(f"refusing {path}: it is outside results_dir {root}")
     return path
+
+
+def knob_folder(prune: str, ratio: float | None, budget: float | None = None, measure: str | None = None) -> str:
+    """Run folder of a method setting: ``1.0`` for ``none``, ``<measure>-<budget>`` for a budget, else the ratio."""
+    if prune == "none":
+        return "1.0"
+    if budget is not None:
+        return f"{measure}-{float(budget):g}"
+    return f"{float(ratio):g}"
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -303,6 +315,25 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _budget_summary(meta: Mapping[str, Any], stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """``budget=`` runs: the target, and over samples what the solver achieved and the knobs it chose."""
+    solved = [st["budget"] for st in stats if st.get("budget")]
+    out: dict[str, Any] = {"budget_target": meta.get("budget_target"), "budget_measure": meta.get("budget_measure")}
+    if not solved:
+        return out
+    knobs: dict[str, list[float]] = {}
+    for entry in solved:
+        for name, value in entry["knobs"]:
+            knobs.setdefault(name, []).append(float(value))
+    return {
+        **out,
+        "budget_achieved_pct": 100 * statistics.mean(e["achieved"] for e in solved),
+        # samples where the method could not get within the solver's tolerance (nearest achievable value used)
+        "budget_n_unreachable": sum(1 for e in solved if not e["reachable"]),
+        "budget_knobs": {k: {"median": _median(v), "min": min(v), "max": max(v)} for k, v in knobs.items()},
+    }
+
+
 def build_record(
     *,
     meta: Mapping[str, Any],
@@ -337,11 +368,12 @@ def build_record(
     for s in samples:
         per_task.setdefault(s["task"], []).append(s["score"])
     accuracy = 100 * sum(s["score"] for s in samples) / len(samples) if samples else None
-    ttft_ms = [1000 * st["ttft_s"] for st in stats]
+    ttft_ms = [1000 * st["ttft_s"] for st in token_stats]
     stage_ms = {
         k: _median([1000 * st["timings_s"][k] for st in stats]) for k in (stats[0]["timings_s"] if stats else {})
     }
     pre = [st["visual_pre_llm"] / st["visual_in"] for st in token_stats]
+    final = [st["visual_per_layer"][-1] / st["visual_in"] for st in token_stats]
     layer_avg = [sum(st["visual_per_layer"]) / (len(st["visual_per_layer"]) * st["visual_in"]) for st in token_stats]
     peaks = [st["peak_mem_bytes"] for st in stats if st.get("peak_mem_bytes") is not None]
     rss = [st["rss_peak_bytes"] for st in stats if st.get("rss_peak_bytes") is not None]
@@ -363,8 +395,12 @@ def build_record(
         "accuracy": accuracy,
         "accuracy_by_task": {t: 100 * sum(v) / len(v) for t, v in sorted(per_task.items())},
         "visual_tokens_in": _median([st["visual_in"] for st in token_stats]),
-        "pre_llm_retained_pct": 100 * statistics.mean(pre) if pre else None,
+        # The four budget measures (docs/methods/README.md), means over samples; flops_ratio below is the fourth.
+        "tokens_in_retained_pct": 100 * statistics.mean(pre) if pre else None,
+        "final_retained_pct": 100 * statistics.mean(final) if final else None,
         "layer_avg_retained_pct": 100 * statistics.mean(layer_avg) if layer_avg else None,
+        "pre_llm_retained_pct": 100 * statistics.mean(pre) if pre else None,  # = tokens_in, for older readers
+        **_budget_summary(meta, token_stats),
         # FLOPs: the papers' convention (FastV) for the ratio the tables show; executed FLOPs next to it.
         "prefill_tflops": mean_t("prefill"),
         "flops_ratio": total("prefill") / total("prefill_full") if flops else None,

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eval.config import CONFIGS, REPO, compose_config, make_backbone, make_paired_backbones, make_strategy
+from eval.config import CONFIGS, REPO, budget_of, compose_config, make_backbone, make_paired_backbones, make_strategy
 from eval.keys import timing_env
 from eval.options import OptionError, validate
 from eval.records import (
@@ -34,11 +34,12 @@ from eval.records import (
     cell_lock,
     config_hash,
     environment,
+    knob_folder,
     storage_error,
     write_atomic,
 )
 
-__all__ = ["compose_config", "make_backbone", "make_paired_backbones", "run", "run_cell", "run_paired"]
+__all__ = ["budget_of", "compose_config", "make_backbone", "make_paired_backbones", "run", "run_cell", "run_paired"]
 
 
 def _seed_everything(seed: int, threads: int | None) -> None:
@@ -150,7 +151,9 @@ def _strategy_name(cfg: DictConfig) -> str:
 def _prune_settings(cfg: DictConfig) -> dict[str, Any]:
     prune = OmegaConf.to_container(cfg.prune, resolve=True)
     if prune.get("_target_") == "prune.strategies.none.NoPruning":
-        prune.pop("ratio", None)  # none ignores it: the paired baseline of every ratio is one cell
+        prune.pop("ratio", None)  # none ignores it: the paired baseline of every ratio and budget is one cell
+    elif budget_of(cfg) is not None:
+        prune.pop("ratio", None)  # solved per sample: the budget decides the answer, not the nominal knob
     return prune
 
 
@@ -168,7 +171,17 @@ def _cell_config(cfg: DictConfig, data_dir: str | None = None) -> dict[str, Any]
     )
     if list(cfg.benchmark.benchmarks) == ["probe"]:  # generated documents: the generator settings decide them
         settings["probe"] = {k: cfg.benchmark[k] for k in ("seed", "num_frames", "size", "grid")}
+    budget = _cell_budget(cfg)
+    if budget is not None:  # a budget= answer is never reused for another target or measure
+        settings["budget"] = {"target": budget[0], "measure": budget[1]}
     return settings
+
+
+def _cell_budget(cfg: DictConfig) -> tuple[float, str] | None:
+    """``(target, measure)`` of a ``budget=`` cell; ``None`` for a ratio cell and for ``none``."""
+    if cfg.prune.get("_target_") == "prune.strategies.none.NoPruning":
+        return None
+    return budget_of(cfg)
 
 
 @dataclass
@@ -184,6 +197,7 @@ class _Cell:
     env: dict[str, Any]
     timing: dict[str, Any]
     previous: dict[str, Any] | None  # the record.json already there, if any
+    budget: tuple[float, str] | None = None  # (target, measure) of a budget= cell
 
     @property
     def limit(self) -> int | None:
@@ -201,7 +215,8 @@ def _max_limit(*limits: int | None) -> int | None:
 @contextlib.contextmanager
 def _open_cell(cfg: DictConfig, data: dict[str, Any]) -> Iterator[_Cell]:
     strategy = _strategy_name(cfg)
-    ratio_dir = "1.0" if strategy == "none" else f"{float(cfg.ratio):g}"
+    budget = None if strategy == "none" else _cell_budget(cfg)
+    ratio_dir = knob_folder(strategy, float(cfg.ratio), *(budget or (None, None)))
     run_dir = cell_dir(_results_root(cfg), cfg.model.name, cfg.benchmark.name, strategy, ratio_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +233,7 @@ def _open_cell(cfg: DictConfig, data: dict[str, Any]) -> Iterator[_Cell]:
             previous = json.loads(path.read_text()) if path.exists() else None
         except (OSError, json.JSONDecodeError):
             previous = None
-        yield _Cell(cfg, strategy, run_dir, ratio_dir, log, data, env, timing, previous)
+        yield _Cell(cfg, strategy, run_dir, ratio_dir, log, data, env, timing, previous, budget)
 
 
 def _lmm(cell: _Cell, backbone, partner=None):
@@ -283,7 +298,9 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
             f"[vidprune] {cell.run_dir}: its record covers limit={limit}; evaluating limit={limit} instead of "
             f"{cfg.limit} so that it does not shrink (finished samples are reused)"
         )
-    name = f"{cfg.model.name} × {cell.strategy} (ratio {cell.ratio_dir}) × {cfg.benchmark.name}"
+    budget = cell.budget
+    knob = f"budget {budget[1]}={budget[0]:g}, knobs solved per sample" if budget else f"ratio {cell.ratio_dir}"
+    name = f"{cfg.model.name} × {cell.strategy} ({knob}) × {cfg.benchmark.name}"
     print(f"[vidprune] {name} -> {cell.run_dir}")
     print(f"[vidprune] {len(cell.log.done)} samples recorded under these settings in {cell.log.path.name}")
     tracker = EvaluationTracker(output_path=str(cell.run_dir / "lmms_eval"))
@@ -338,6 +355,8 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
                     "timing_key": entry.get("timing_key"),
                     "timing_env": entry.get("timing_env"),
                     "paired": entry.get("paired"),
+                    # budget= runs: the knobs solved for this sample, the target and what was achieved
+                    "budget": (entry.get("stats") or {}).get("budget"),
                 }
             )
             if not failed:
@@ -355,7 +374,9 @@ def _write_record(cell: _Cell, lmm, evaluated: dict[str, Any], baseline: dict | 
     meta = {
         "model": cfg.model.name,
         "prune": cell.strategy,
-        "ratio": float(cell.ratio_dir),
+        "ratio": None if cell.budget else float(cell.ratio_dir),  # budget= runs: solved per sample (budget_knobs)
+        "budget_target": cell.budget[0] if cell.budget else None,
+        "budget_measure": cell.budget[1] if cell.budget else None,
         "benchmark": cfg.benchmark.name,
         "tasks": sorted({r["task"] for r in scored}),
         "seed": int(cfg.seed),
@@ -380,7 +401,7 @@ def _write_record(cell: _Cell, lmm, evaluated: dict[str, Any], baseline: dict | 
         pair = r.get("paired")
         ok = pair and not r["failed"] and r.get("timing_key") == key and pair["ttft_s"] > 0
         r["ttft_ratio"] = pair["none_ttft_s"] / pair["ttft_s"] if ok else None
-    keep = ("task", "doc_id", "prediction", "failed", "error", "score", "parse_ok", "ttft_ratio")
+    keep = ("task", "doc_id", "prediction", "failed", "error", "score", "parse_ok", "ttft_ratio", "budget")
     write_atomic(run_dir / "scores.jsonl", "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in scored))
     if baseline is not None:
         record["baseline"] = _baseline(cfg, record, scored, baseline, paired_bootstrap, ratio_ci)
@@ -453,7 +474,9 @@ def _maybe_wandb(cfg: DictConfig, record: dict, run_dir: Path) -> None:
 
     mode = os.environ.get("WANDB_MODE", "offline")  # no login needed; `wandb sync` uploads later
     scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    name = f"{record['model']}-{record['benchmark']}-{record['prune']}-{record['ratio']:g}"
+    target = record.get("budget_target")
+    knob = f"{record['budget_measure']}-{target:g}" if target else f"{record['ratio']:g}"
+    name = f"{record['model']}-{record['benchmark']}-{record['prune']}-{knob}"
     with wandb.init(project="vidprune", name=name, dir=str(run_dir), mode=mode, config=record["config"]) as wb:
         wb.log(scalars)
 
@@ -462,6 +485,7 @@ def _none_config(cfg: DictConfig) -> DictConfig:
     base_cfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(base_cfg, False)
     base_cfg.prune = OmegaConf.load(CONFIGS / "prune" / "none.yaml")
+    base_cfg.budget = None  # the unpruned reference is the same cell for every ratio and budget
     return base_cfg
 
 

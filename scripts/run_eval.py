@@ -2,8 +2,9 @@
 
 Composes ``configs/eval.yaml``; see ``eval/runner.py``. Before Hydra starts, every override (each combination of a
 ``--multirun`` sweep) is composed and validated (``eval.options.precheck``): a bad option, an unknown key or option,
-missing weights or a ratio outside (0, 1] ends with one line saying what is wrong and what is accepted, and exit
-code 2, before any model or data loads. A full disk or a cell held by another run ends with one line and exit 3.
+missing weights, a ratio or budget outside (0, 1], an unknown budget_measure or ``ratio=`` with ``budget=`` ends with
+one line saying what is wrong and what is accepted, and exit code 2, before any model or data loads. A full disk or a
+cell held by another run ends with one line and exit 3.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ def _fail(err: BaseException, code: int) -> None:
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from eval.backbones import BackboneUnavailable
+    from eval.options import check_knob_overrides
     from eval.records import CellLocked, StorageError
     from eval.runner import run
 
     try:
+        check_knob_overrides(HydraConfig.get().overrides.task)  # ratio= and budget= together
         run(cfg)
     except (BackboneUnavailable, FileNotFoundError, ValueError) as err:
         _fail(err, EXIT_OPTION)

@@ -190,3 +190,43 @@ def test_unknown_benchmark_field_is_rejected(bundle):
 
     with pytest.raises(ConfigCompositionException, match="modee"):
         compose_config(["benchmark.modee=offline"])
+
+
+def test_budget_run_solves_per_sample_and_records_all_four_measures(bundle, tmp_path):
+    """budget=0.3 budget_measure=final: every sample's final retained share within ±2 % of 30 %, knobs per sample."""
+    cfg = _cfg(bundle, tmp_path / "r", "prune=prunevid", "budget=0.3", "budget_measure=final", "paired_baseline=false")
+    from eval.runner import _prepare_tasks
+
+    tasks, include = _prepare_tasks(cfg)
+    record = run_cell(cfg, tasks, include)
+    folder = Path(record["_path"]).parent
+    assert folder.name == "final-0.3" and folder.parent.name == "prunevid"
+    assert record["ratio"] is None and record["budget_target"] == 0.3 and record["budget_measure"] == "final"
+    for key in ("tokens_in_retained_pct", "final_retained_pct", "layer_avg_retained_pct", "flops_ratio"):
+        assert record[key] is not None, key
+    assert abs(record["final_retained_pct"] - 30.0) <= 0.6 and record["budget_n_unreachable"] == 0
+    assert set(record["budget_knobs"]) == {"cluster_ratio", "tau", "ratio"}
+    rows = list(_scores(record).values())
+    assert len(rows) == 5 and all(r["budget"]["measure"] == "final" and r["budget"]["reachable"] for r in rows)
+    assert all(abs(r["budget"]["achieved"] - 0.3) <= 0.006 for r in rows)
+    # a ratio run of the same method is another cell: neither reuses the other's samples
+    ratio_cfg = _cfg(bundle, tmp_path / "r", "prune=prunevid", "ratio=0.3")
+    from eval.records import config_hash
+    from eval.runner import _cell_config
+
+    assert config_hash(_cell_config(ratio_cfg)) != record["config_hash"]
+
+
+def test_ratio_and_budget_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="ratio=0.3 and budget=0.2 were both given"):
+        compose_config(["prune=fastv", "ratio=0.3", "budget=0.2"])
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run_eval.py"), "ratio=0.3", "budget=0.2", f"results_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "give one of them" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="budget_measure must be one of"):
+        run(compose_config(["budget=0.2", "budget_measure=retained"]))

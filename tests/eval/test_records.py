@@ -94,3 +94,30 @@ def test_tables_pair_each_cell_with_none(tmp_path):
     row = frame[frame.prune == "fastv"].iloc[0]
     assert row.delta_accuracy == -5.0 and row.ttft_speedup == 2.0
     assert "fastv" in md.read_text() and md.read_text().startswith("<!-- generated")
+
+
+def test_record_carries_the_four_measures_and_the_solved_budget():
+    def solved(achieved, reachable, alpha):
+        return {
+            "knobs": [["ratio", alpha]],
+            "budget": 0.3,
+            "measure": "final",
+            "achieved": achieved,
+            "reachable": reachable,
+        }
+
+    stats = [_stats(60, [60, 60, 30, 30], 0.2), _stats(50, [50, 50, 28, 28], 0.3)]
+    stats[0]["budget"], stats[1]["budget"] = solved(0.30, True, 0.5), solved(0.28, False, 0.56)
+    samples = [{"task": "a", "score": 1.0, "failed": False, "parse_ok": True, "stats": st} for st in stats]
+    f = {"prefill": 1.0, "prefill_full": 4.0, "prefill_exact": 2.0, "prefill_exact_full": 10.0, "scoring": 0.5}
+    meta = {"model": "m", "ratio": None, "budget_target": 0.3, "budget_measure": "final"}
+    rec = build_record(meta=meta, samples=samples, llm_shape={"layers": 4}, flops=[{**f, "decode_exact": 1.0}] * 2)
+    assert rec["tokens_in_retained_pct"] == pytest.approx(55.0) and rec["final_retained_pct"] == pytest.approx(29.0)
+    assert rec["layer_avg_retained_pct"] == pytest.approx((45 + 39) / 2) and rec["flops_ratio"] == pytest.approx(0.25)
+    assert rec["budget_target"] == 0.3 and rec["budget_measure"] == "final" and rec["budget_n_unreachable"] == 1
+    assert rec["budget_achieved_pct"] == pytest.approx(29.0)
+    assert rec["budget_knobs"] == {"ratio": {"median": pytest.approx(0.53), "min": 0.5, "max": 0.56}}
+    plain = build_record(
+        meta={"model": "m"}, samples=[{**samples[0], "stats": _stats(60, [60] * 4, 0.2)}], llm_shape={}, flops=[]
+    )
+    assert plain["budget_target"] is None and "budget_knobs" not in plain
