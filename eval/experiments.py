@@ -22,37 +22,81 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from eval.records import write_atomic
+from eval.records import knob_folder, write_atomic
 
 __all__ = ["Cell", "Experiment", "build_table", "load_experiment", "split_overrides", "sweep_commands"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiment"
-GRID = ("model", "benchmark", "prune", "ratio")
-KEYS = {"name", "title", "models", "benchmarks", "methods", "published", "published_names", "overrides"}
+GRID = ("model", "benchmark", "prune", "ratio", "budget", "budget_measure")
+KEYS = {
+    "name",
+    "title",
+    "models",
+    "benchmarks",
+    "methods",
+    "budget_methods",
+    "budgets",
+    "report_measure",
+    "plot_measure",
+    "published",
+    "published_names",
+    "overrides",
+}
+# The four budget measures (prune/budget.py) and the record column that holds each.
+MEASURE_COLUMNS = {
+    "tokens_in": "tokens_in_retained_pct",
+    "final": "final_retained_pct",
+    "layer_avg": "layer_avg_retained_pct",
+    "flops": "flops_ratio",
+}
+MEASURE_NAMES = {
+    "tokens_in": "visual tokens entering the LLM",
+    "final": "visual tokens after the last prune",
+    "layer_avg": "layer-averaged visual tokens",
+    "flops": "prefill FLOPs ratio vs none",
+}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One evaluation: a model x benchmark x method x ratio, and where its record lives."""
+    """One evaluation: a model x benchmark x method at a ratio, or at a target achieved budget; where its record lives.
+
+    A budget cell (``budget`` and ``measure`` set) runs ``budget=<budget> budget_measure=<measure>``: the method's
+    knobs are solved per sample (prune/budget.py) and ``ratio`` is unused.
+    """
 
     model: str
     benchmark: str
     prune: str
-    ratio: float
+    ratio: float | None
+    budget: float | None = None
+    measure: str | None = None
 
     @property
     def ratio_dir(self) -> str:
-        """The runner's folder name for the ratio (``none`` is always ``1.0``)."""
-        return "1.0" if self.prune == "none" else f"{self.ratio:g}"
+        """The runner's folder name: the ratio, ``<measure>-<budget>``, or ``1.0`` for ``none``."""
+        return knob_folder(self.prune, self.ratio, self.budget, self.measure)
+
+    @property
+    def knob(self) -> str:
+        """The nominal setting as a label: ``0.3`` or ``flops 30 %``."""
+        if self.prune == "none":
+            return ""
+        return f"{self.measure} {100 * self.budget:g} %" if self.budget is not None else f"{self.ratio:g}"
 
     def record(self, results_dir: Path) -> Path:
-        """``<results>/runs/<model>/<benchmark>/<prune>/<ratio>/record.json``."""
+        """``<results>/runs/<model>/<benchmark>/<prune>/<ratio or measure-budget>/record.json``."""
         return Path(results_dir) / "runs" / self.model / self.benchmark / self.prune / self.ratio_dir / "record.json"
 
     def command(self) -> str:
         """The ``make eval`` that fills this cell."""
-        return f"make eval model={self.model} benchmark={self.benchmark} prune={self.prune} ratio={self.ratio:g}"
+        knob = (
+            f"budget={self.budget:g} budget_measure={self.measure}"
+            if self.budget is not None
+            else f"ratio={self.ratio:g}"
+        )
+        return f"make eval model={self.model} benchmark={self.benchmark} prune={self.prune} {knob}"
 
 
 @dataclass(frozen=True)
@@ -67,14 +111,24 @@ class Experiment:
     published: str | None = None
     published_names: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     overrides: tuple[str, ...] = ()
+    budget_methods: tuple[str, ...] = ()
+    budgets: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    report_measure: str = "layer_avg"
+    plot_measure: str = "flops"
 
     def cells(self) -> list[Cell]:
-        """Every cell of the table: the ``none`` cell of each model x benchmark, then each method at each ratio."""
+        """Every cell: ``none`` per model x benchmark, each method at each ratio, each budget method at each target."""
         out = []
         for model in self.models:
             for bench in self.benchmarks:
                 out.append(Cell(model, bench, "none", 1.0))
                 out += [Cell(model, bench, p, r) for p, ratios in self.methods for r in ratios]
+                out += [
+                    Cell(model, bench, p, None, b, m)
+                    for p in self.budget_methods
+                    for m, targets in self.budgets
+                    for b in targets
+                ]
         return out
 
     def name_map(self, kind: str) -> dict[str, str]:
@@ -107,25 +161,53 @@ def load_experiment(name: str, restrict: dict[str, str] | None = None) -> Experi
     unknown = set(raw) - KEYS
     if unknown:
         raise ValueError(f"experiment {name!r}: unknown keys {sorted(unknown)}; accepted: {sorted(KEYS)}")
+    from prune.budget import check_measure
+
     models = _as_list(raw.get("models"), "models", name)
     benchmarks = _as_list(raw.get("benchmarks"), "benchmarks", name)
     methods = raw.get("methods") or {}
     if not isinstance(methods, dict):
         raise ValueError(f"experiment {name!r}: methods must map prune -> list of ratios, got {methods!r}")
     methods = {p: [float(r) for r in _as_list(rs, f"methods.{p}", name)] for p, rs in methods.items() if p != "none"}
+    budget_methods = [p for p in (raw.get("budget_methods") or []) if p != "none"]
+    budgets = raw.get("budgets") or {}
+    if not isinstance(budgets, dict) or bool(budgets) != bool(budget_methods):
+        raise ValueError(
+            f"experiment {name!r}: budget_methods (a list of prune options) and budgets (measure -> list of targets) "
+            f"go together; got budget_methods={budget_methods!r}, budgets={budgets!r}"
+        )
+    try:
+        budgets = {
+            check_measure(m): [float(b) for b in _as_list(bs, f"budgets.{m}", name)] for m, bs in budgets.items()
+        }
+        report, plot = (
+            check_measure(raw.get(k, d)) for k, d in (("report_measure", "layer_avg"), ("plot_measure", "flops"))
+        )
+    except ValueError as err:
+        raise ValueError(f"experiment {name!r}: {err}") from None
     restrict = dict(restrict or {})
     if "model" in restrict:
         models = restrict.pop("model").split(",")
     if "benchmark" in restrict:
         benchmarks = restrict.pop("benchmark").split(",")
     if "prune" in restrict:
-        wanted = restrict.pop("prune").split(",")
-        methods = {p: methods.get(p, [0.3]) for p in wanted if p != "none"}
+        wanted = [p for p in restrict.pop("prune").split(",") if p != "none"]
+        if budget_methods and not methods:  # an equal-budget experiment stays one
+            budget_methods = wanted
+        else:
+            methods = {p: methods.get(p, [0.3]) for p in wanted}
+            budget_methods = [p for p in budget_methods if p in wanted]
     if "ratio" in restrict:
         ratios = [float(r) for r in restrict.pop("ratio").split(",")]
         methods = {p: ratios for p in methods}
+    if "budget_measure" in restrict:
+        keep = [check_measure(m) for m in restrict.pop("budget_measure").split(",")]
+        budgets = {m: budgets.get(m, [0.3]) for m in keep}
+    if "budget" in restrict:
+        targets = [float(b) for b in restrict.pop("budget").split(",")]
+        budgets = {m: targets for m in budgets}
     if restrict:
-        raise ValueError(f"can only restrict model, benchmark, prune or ratio; got {sorted(restrict)}")
+        raise ValueError(f"can only restrict {', '.join(GRID)}; got {sorted(restrict)}")
     names = raw.get("published_names") or {}
     return Experiment(
         name=raw.get("name", name),
@@ -136,6 +218,10 @@ def load_experiment(name: str, restrict: dict[str, str] | None = None) -> Experi
         published=raw.get("published"),
         published_names=tuple((k, tuple(v.items())) for k, v in names.items()),
         overrides=tuple(raw.get("overrides") or ()),
+        budget_methods=tuple(budget_methods),
+        budgets=tuple((m, tuple(bs)) for m, bs in budgets.items()),
+        report_measure=report,
+        plot_measure=plot,
     )
 
 
@@ -166,13 +252,18 @@ def sweep_commands(exp: Experiment, results_dir: Path, extra: Sequence[str] = ()
     """
     missing = [c for c in exp.cells() if not c.record(results_dir).exists()]
     commands = []
-    for prune in dict.fromkeys(c.prune for c in missing):
-        cells = [c for c in missing if c.prune == prune]
+    # one multirun per method and kind of knob (ratio cells; budget cells of one measure)
+    for prune, measure in dict.fromkeys((c.prune, c.measure) for c in missing):
+        cells = [c for c in missing if c.prune == prune and c.measure == measure]
+        if measure is None:
+            knob = ["ratio=" + ",".join(dict.fromkeys(f"{c.ratio:g}" for c in cells))]
+        else:
+            knob = ["budget=" + ",".join(dict.fromkeys(f"{c.budget:g}" for c in cells)), f"budget_measure={measure}"]
         args = [
             "model=" + ",".join(dict.fromkeys(c.model for c in cells)),
             "benchmark=" + ",".join(dict.fromkeys(c.benchmark for c in cells)),
             f"prune={prune}",
-            "ratio=" + ",".join(dict.fromkeys(f"{c.ratio:g}" for c in cells)),
+            *knob,
             f"results_dir={results_dir}",
             *exp.overrides,
             *extra,
@@ -210,14 +301,17 @@ def _pub_value(pub: pd.DataFrame | None, exp: Experiment, cell: Cell) -> float |
 
 
 def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple[pd.DataFrame, list[Cell]]:
-    """One row per (model, method, ratio) with the paper's columns, and the cells that have no record.
+    """One row per (model, method, ratio or budget) with the paper's columns, and the cells that have no record.
 
-    Columns: ``model``, ``prune``, ``ratio``, ``retained_pct`` (layer-averaged visual tokens), ``flops_ratio``, per
-    benchmark ``<b>`` (accuracy), ``<b>_delta``, ``<b>_ci_low``/``<b>_ci_high`` (paired bootstrap of Δ vs none, 95 %),
-    ``<b>_published`` and ``<b>_vs_published``, ``<b>_evidence_final_pct`` (known-answer probe: evidence tokens reaching
-    the last layer, else empty), ``<b>_ttft_speedup`` with ``<b>_ttft_ci_low``/``_high``, then ``ttft_speedup`` (the
-    median of the row's paired per-sample TTFT ratios over its benchmarks) with ``ttft_ci_low``/``_high`` (bootstrap
-    95 %) and ``ttft_note`` (``n.s.`` when the CI includes 1, ``unpaired`` for a ratio of medians without a CI),
+    Columns: ``model``, ``prune``, ``ratio``, ``budget_target``/``budget_measure`` (budget cells), ``knob`` (the
+    nominal setting as a label), ``retained_pct`` (the experiment's ``report_measure``, in %), the four achieved
+    budgets ``tokens_in_retained_pct``, ``final_retained_pct``, ``layer_avg_retained_pct``, ``flops_ratio`` (means over
+    benchmarks), per benchmark ``<b>`` (accuracy), ``<b>_delta``, ``<b>_ci_low``/``<b>_ci_high`` (paired bootstrap
+    of Δ vs none, 95 %), ``<b>_published`` and ``<b>_vs_published``, ``<b>_evidence_final_pct`` (known-answer probe:
+    evidence tokens reaching the last layer, else empty), ``<b>_ttft_speedup`` with ``<b>_ttft_ci_low``/``_high``,
+    then ``ttft_speedup`` (the median of the row's paired per-sample TTFT ratios over its benchmarks) with
+    ``ttft_ci_low``/``_high`` (bootstrap 95 %) and ``ttft_note`` (``n.s.`` when the CI includes 1, ``unpaired`` for a
+    ratio of medians without a CI),
     ``peak_memory_gib`` (largest) and ``records`` (the record files behind the row).
     """
     from eval.stats import compare_runs, ratio_ci
@@ -227,13 +321,16 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
     missing, rows = [], []
     cells = exp.cells()
     for model in exp.models:
-        keys = dict.fromkeys((c.prune, c.ratio) for c in cells if c.model == model)
-        for prune, ratio in keys:
+        keys = dict.fromkeys((c.prune, c.ratio, c.budget, c.measure) for c in cells if c.model == model)
+        for prune, ratio, budget, measure in keys:
             row: dict[str, Any] = {"model": model, "prune": prune, "ratio": ratio}
-            retained, flops, memory, records = [], [], [], []
+            row |= {"budget_target": budget, "budget_measure": measure}
+            row["knob"] = Cell(model, "", prune, ratio, budget, measure).knob
+            achieved: dict[str, list] = {column: [] for column in MEASURE_COLUMNS.values()}
+            memory, records = [], []
             ratios, unpaired = [], []
             for bench in exp.benchmarks:
-                cell, base = Cell(model, bench, prune, ratio), Cell(model, bench, "none", 1.0)
+                cell, base = Cell(model, bench, prune, ratio, budget, measure), Cell(model, bench, "none", 1.0)
                 rec = _load(cell, results_dir)
                 published = _pub_value(pub, exp, cell)
                 row[f"{bench}_published"] = published
@@ -245,8 +342,11 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
                 row[f"{bench}_evidence_final_pct"] = rec.get("evidence_final_pct")  # probe only, else None
                 if published is not None and rec["accuracy"] is not None:
                     row[f"{bench}_vs_published"] = rec["accuracy"] - published
-                retained.append(rec.get("layer_avg_retained_pct"))
-                flops.append(rec.get("flops_ratio"))
+                for column in achieved:
+                    # records before the four measures: tokens_in was pre_llm_retained_pct, final was not kept
+                    achieved[column].append(
+                        rec.get(column, rec.get("pre_llm_retained_pct") if "tokens_in" in column else None)
+                    )
                 memory.append(rec.get("peak_memory_bytes"))
                 ref = _load(base, results_dir)
                 if prune != "none" and ref is not None:
@@ -268,10 +368,11 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
                         row[f"{bench}_ttft_speedup"] = unpaired[-1]
                 elif prune == "none":
                     row[f"{bench}_ttft_speedup"] = 1.0
-            vals = [v for v in retained if v is not None]
-            row["retained_pct"] = sum(vals) / len(vals) if vals else None
-            vals = [v for v in flops if v is not None]
-            row["flops_ratio"] = sum(vals) / len(vals) if vals else None
+            for column, values in achieved.items():
+                vals = [v for v in values if v is not None]
+                row[column] = sum(vals) / len(vals) if vals else None
+            shown = row[MEASURE_COLUMNS[exp.report_measure]]
+            row["retained_pct"] = None if shown is None else shown * (100 if exp.report_measure == "flops" else 1)
             if prune == "none":
                 row["ttft_speedup"], row["ttft_note"] = (1.0, "") if records else (None, "")
             elif ratios and not unpaired:  # the row pools every benchmark's paired ratios
@@ -287,7 +388,8 @@ def table_frame(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> tuple
             row["peak_memory_gib"] = max(vals) / 2**30 if vals else None
             row["records"] = ";".join(records)
             rows.append(row)
-    columns = ["model", "prune", "ratio", "retained_pct", "flops_ratio"]
+    columns = ["model", "prune", "ratio", "budget_target", "budget_measure", "knob", "retained_pct"]
+    columns += list(MEASURE_COLUMNS.values())
     for bench in exp.benchmarks:
         columns += [bench, f"{bench}_delta", f"{bench}_ci_low", f"{bench}_ci_high"]
         columns += [f"{bench}_published", f"{bench}_vs_published", f"{bench}_ttft_speedup"]
@@ -337,10 +439,11 @@ def _acc_cell(row: pd.Series, bench: str, latex: bool = False) -> str:
 
 
 def _display_rows(exp: Experiment, frame: pd.DataFrame, latex: bool = False) -> tuple[list[str], list[list[str]]]:
-    header = ["backbone", "method", "retained %", "FLOPs ×", *exp.benchmarks, "TTFT ×", "memory GiB"]
+    header = ["backbone", "method", f"retained % ({exp.report_measure})", "FLOPs ×", *exp.benchmarks]
+    header += ["TTFT ×", "memory GiB"]
     body = []
     for _, row in frame.iterrows():
-        method = "none" if row.prune == "none" else f"{row.prune} ({row.ratio:g})"
+        method = "none" if row.prune == "none" else f"{row.prune} ({row.knob})"
         body.append(
             [
                 row.model,
@@ -391,11 +494,13 @@ def build_table(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> dict[
         f"# {exp.title}",
         "",
         "Accuracy in %; (Δ vs none ± half-width of the paired bootstrap 95 % CI over the same samples); "
-        "[pub: the published number, ours − published]. Retained % is the layer-averaged share of visual tokens; "
+        f"[pub: the published number, ours − published]. Retained % ({exp.report_measure}) is the achieved "
+        f"{MEASURE_NAMES[exp.report_measure]} (the measure this table's paper reports; the CSV has all four); "
         "FLOPs × the prefill FLOPs ratio (FastV convention); TTFT × the speed-up over none: the median of per-sample "
         "TTFT ratios, none and the method timed back-to-back in one process, [bootstrap 95 % CI]; n.s. = the CI "
         "includes 1.0 (not a significant speed-up on these samples); unpaired = a ratio of medians from separate "
-        "runs, no CI. Clean speed-up claims come from `make bench`.",
+        "runs, no CI. Clean speed-up claims come from `make bench`. A method label gives its nominal setting: its "
+        "own ratio, or a target budget (`measure N %`) its knobs were solved for per sample.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -409,14 +514,30 @@ def build_table(exp: Experiment, results_dir: Path, n_boot: int = 2000) -> dict[
     write_atomic(md, "\n".join(lines) + "\n")
     write_atomic(tex, _latex(exp, frame))
     paths = [md, csv, tex]
-    if any(len(rs) > 1 for _, rs in exp.methods):
+    if any(len(rs) > 1 for _, rs in exp.methods) or any(len(bs) > 1 for _, bs in exp.budgets) or len(exp.budgets) > 1:
         paths += _plots(exp, frame, out)
     return {"paths": paths, "missing": missing, "frame": frame}
 
 
-def _plots(exp: Experiment, frame: pd.DataFrame, out: Path) -> list[Path]:
+def _knob_range(rows: pd.DataFrame) -> str:
+    """A method's nominal settings in a sweep, for its legend entry: ``ratio 0.1–0.5``, ``flops 10–30 %``."""
+    parts = []
+    ratios = sorted(r for r in rows.ratio.dropna().unique())
+    if ratios:
+        parts.append("ratio " + (f"{ratios[0]:g}" if len(ratios) == 1 else f"{ratios[0]:g}–{ratios[-1]:g}"))
+    for measure, group in rows.dropna(subset=["budget_measure"]).groupby("budget_measure", sort=True):
+        bs = sorted(100 * group.budget_target.unique())
+        parts.append(f"{measure} " + (f"{bs[0]:g}" if len(bs) == 1 else f"{bs[0]:g}–{bs[-1]:g}") + " %")
+    return ", ".join(parts)
+
+
+def _plots(exp: Experiment, frame: pd.DataFrame, out: Path, x: str | None = None) -> list[Path]:
+    """Accuracy and speed-up against the achieved budget (``x``, default the experiment's ``plot_measure``)."""
     from eval.plots import plot_sweep
 
+    x = x or exp.plot_measure
+    column = MEASURE_COLUMNS[x]
+    legend = {p: f"{p} ({_knob_range(rows)})" for p, rows in frame[frame.prune != "none"].groupby("prune")}
     rows = []
     for _, row in frame.iterrows():
         for bench in exp.benchmarks:
@@ -424,6 +545,9 @@ def _plots(exp: Experiment, frame: pd.DataFrame, out: Path) -> list[Path]:
             if acc is None or pd.isna(acc):
                 continue
             entry = {"model": row.model, "benchmark": bench, "prune": row.prune, "ratio": row.ratio, "accuracy": acc}
+            # the achieved budget of this cell (mean over benchmarks; the runs of one cell share their settings)
+            entry[column] = row.get(column)
+            entry["legend"] = legend.get(row.prune, row.prune)
             entry["ttft_speedup"] = row.get(f"{bench}_ttft_speedup")
             entry["evidence_final_pct"] = row.get(f"{bench}_evidence_final_pct")
             entry["ttft_ci_low"] = row.get(f"{bench}_ttft_ci_low")
@@ -437,7 +561,7 @@ def _plots(exp: Experiment, frame: pd.DataFrame, out: Path) -> list[Path]:
             rows.append(entry)
     if not rows:
         return []
-    return plot_sweep(pd.DataFrame(rows), out, exp.name)
+    return plot_sweep(pd.DataFrame(rows), out, exp.name, x=column)
 
 
 def shell(args: Sequence[str]) -> str:

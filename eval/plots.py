@@ -1,10 +1,14 @@
-"""Sweep plots from the summary table: accuracy and TTFT speed-up against the retained ratio, one line per method.
+"""Sweep plots: accuracy and TTFT speed-up against the achieved budget, one line per method.
+
+The x-axis is what a cell achieved (default the prefill FLOPs ratio; or the visual tokens entering the LLM, after the
+last prune, or layer-averaged), never a method's nominal knob: one method's ``ratio=0.3`` is not another's. The
+nominal settings go into the legend (a ``legend`` column, e.g. ``prunevid (ratio 0.1–0.5)``).
 
 :func:`plot_sweep` writes two figures, each as PNG and SVG:
 
-* ``<stem>_accuracy``: accuracy (%) against ``ratio``, with the ``none`` cell as a dashed horizontal reference line
-  (and a marker at its own ratio, 1.0);
-* ``<stem>_ttft_speedup``: TTFT speed-up over ``none`` against ``ratio``, with the reference line at 1×;
+* ``<stem>_accuracy``: accuracy (%) against ``x``, with the ``none`` cell as a dashed horizontal reference line
+  (and a marker at its own budget, 1.0 or 100 %);
+* ``<stem>_ttft_speedup``: TTFT speed-up over ``none`` against ``x``, with the reference line at 1×;
 * ``<stem>_evidence_final_pct`` (known-answer probe only, when the column has values): the fraction of the evidence
   tokens that reach the last decoder layer, with ``none``'s 100 % as the reference line.
 
@@ -37,10 +41,12 @@ METRICS = {"accuracy": "accuracy (%)", "ttft_speedup": "TTFT speed-up over none 
 OPTIONAL_METRICS = {"evidence_final_pct": "evidence tokens reaching the last layer (%)"}
 """Plotted too when the column has a value (known-answer probe records, eval/probe.py)."""
 X_LABELS = {
-    "ratio": "retained ratio (each method's ratio knob)",
-    "flops_ratio": "prefill FLOPs ratio",
-    "pre_llm_retained_pct": "visual tokens entering the LLM (%)",
-    "layer_avg_retained_pct": "layer-averaged visual tokens (%)",
+    "ratio": "ratio (each method's own knob, not a common budget)",
+    "flops_ratio": "achieved prefill FLOPs ratio vs none",
+    "tokens_in_retained_pct": "achieved visual tokens entering the LLM (%)",
+    "pre_llm_retained_pct": "achieved visual tokens entering the LLM (%)",
+    "final_retained_pct": "achieved visual tokens after the last prune (%)",
+    "layer_avg_retained_pct": "achieved layer-averaged visual tokens (%)",
 }
 PANEL_IN = (4.0, 3.0)  # width, height of one subplot in inches
 LEGEND_IN = 0.6  # height of one row of the legend strip under the panels
@@ -113,7 +119,8 @@ def _panel(ax, cell: pd.DataFrame, metric: str, x: str, colours: dict[str, str],
     for method, rows in cell[cell.prune != "none"].groupby("prune", sort=True):
         rows = rows.sort_values(x)
         xs, ys = rows[x].astype(float).to_numpy(), rows[metric].astype(float).to_numpy()
-        (line,) = ax.plot(xs, ys, marker="o", color=colours[method], label=method, gid=f"{gid}-{method}")
+        label = str(rows["legend"].iloc[0]) if "legend" in rows.columns else method  # nominal knobs live here
+        (line,) = ax.plot(xs, ys, marker="o", color=colours[method], label=label, gid=f"{gid}-{method}")
         bounds = {"accuracy": ("ci_low", "ci_high"), "ttft_speedup": ("ttft_ci_low", "ttft_ci_high")}.get(metric)
         if bounds is not None and bounds[0] in rows.columns:
             low, high = rows[bounds[0]].astype(float).to_numpy(), rows[bounds[1]].astype(float).to_numpy()
@@ -154,7 +161,7 @@ def _panel(ax, cell: pd.DataFrame, metric: str, x: str, colours: dict[str, str],
                     )
 
 
-def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio") -> list[Path]:
+def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "flops_ratio") -> list[Path]:
     """Plot a sweep of methods × ratios as accuracy and TTFT speed-up figures.
 
     Args:
@@ -165,10 +172,11 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "ratio
             optional ``ttft_ci_low``/``ttft_ci_high``: the bootstrap CI of the paired TTFT speed-up, drawn as error
             bars, with a hollow marker where it includes 1.0 (not significant) and a cross where a point has none.
             The ``none`` row of a (model, benchmark) is the reference line.
+            Optional ``legend``: the legend entry of each method (its nominal settings), one value per method.
         out_dir: folder for the files (created).
         stem: file-name prefix.
-        x: the x-axis column: ``ratio`` (default), or an achieved budget such as ``flops_ratio``,
-            ``pre_llm_retained_pct`` or ``layer_avg_retained_pct``.
+        x: the x-axis column, an achieved budget: ``flops_ratio`` (default), ``tokens_in_retained_pct``,
+            ``final_retained_pct`` or ``layer_avg_retained_pct`` (``ratio`` still works, labelled as a knob).
 
     Returns:
         ``[<stem>_accuracy.png, .svg, <stem>_ttft_speedup.png, .svg]`` under ``out_dir``, then

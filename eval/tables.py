@@ -4,7 +4,8 @@ One row per ``record.json``. Δaccuracy and TTFT speed-up compare a pruned cell 
 model and benchmark. A paired run's record carries its own baseline: Δaccuracy over the paired samples, and the
 median of per-sample TTFT ratios timed back-to-back with a bootstrap 95 % CI (``ttft_speedup_ci_low``/``_high``);
 ``ttft_speedup_note`` says ``n.s.`` when that CI includes 1.0 and ``unpaired`` when the speed-up is a ratio of
-medians from separate runs. Both files are written atomically.
+medians from separate runs. Both files are written atomically. Every row carries the four achieved budgets
+(``tokens_in``/``final``/``layer_avg`` retained % and ``flops_ratio``) and, for ``budget=`` runs, the target.
 """
 
 from __future__ import annotations
@@ -23,18 +24,22 @@ COLUMNS = [
     "benchmark",
     "prune",
     "ratio",
+    "budget_target",
+    "budget_measure",
     "n_samples",
     "n_failed",
     "n_parse_failed",
     "accuracy",
     "delta_accuracy",
     "visual_tokens_in",
-    "pre_llm_retained_pct",
+    "tokens_in_retained_pct",
+    "final_retained_pct",
     "layer_avg_retained_pct",
     "evidence_pre_llm_pct",
     "evidence_final_pct",
-    "prefill_tflops",
     "flops_ratio",
+    "budget_n_unreachable",
+    "prefill_tflops",
     "ttft_ms_median",
     "ttft_ms_p90",
     "ttft_speedup",
@@ -73,7 +78,8 @@ def collect(results_dir: Path) -> pd.DataFrame:
             if pd.isna(row.ttft_speedup) and row.prune != "none" and row.ttft_ms_median and ref.ttft_ms_median:
                 frame.at[i, "ttft_speedup"] = ref.ttft_ms_median / row.ttft_ms_median
                 frame.at[i, "ttft_speedup_note"] = "unpaired"
-    return frame.sort_values(["model", "benchmark", "prune", "ratio"]).reset_index(drop=True)
+    keys = ["model", "benchmark", "prune", "budget_measure", "budget_target", "ratio"]
+    return frame.sort_values(keys, na_position="first").reset_index(drop=True)
 
 
 def _speedup(baseline: dict | None) -> dict:

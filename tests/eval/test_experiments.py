@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from eval.experiments import EXPERIMENTS, Cell, build_table, load_experiment, sweep_commands
-from eval.runner import REPO, compose_config, make_strategy, run_cell
+from eval.runner import REPO, budget_of, compose_config, make_strategy, run_cell
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_tables  # noqa: E402
@@ -22,21 +22,60 @@ DRIFT = REPO / "tests" / "golden" / "none_tiny_predictions.json"
 
 
 def test_the_four_tables_exist():
-    assert {"prunevid_table1", "prunevid_table2", "hieravid_main", "ratio_sweep"} <= set(NAMES)
+    assert {"prunevid_table1", "prunevid_table2", "hieravid_main", "ratio_sweep", "equal_budget"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_cell_of_every_experiment_composes(name):
     exp = load_experiment(name)
     cells = exp.cells()
-    assert len(cells) == len(exp.models) * len(exp.benchmarks) * (1 + sum(len(r) for _, r in exp.methods))
+    per_grid = 1 + sum(len(r) for _, r in exp.methods) + len(exp.budget_methods) * sum(len(b) for _, b in exp.budgets)
+    assert len(cells) == len(exp.models) * len(exp.benchmarks) * per_grid
     for cell in cells:
-        cfg = compose_config([f"model={cell.model}", f"benchmark={cell.benchmark}", f"prune={cell.prune}"])
-        cfg.ratio = cell.ratio
+        knob = [f"budget={cell.budget}", f"budget_measure={cell.measure}"] if cell.budget else [f"ratio={cell.ratio}"]
+        cfg = compose_config([f"model={cell.model}", f"benchmark={cell.benchmark}", f"prune={cell.prune}", *knob])
         strategy = make_strategy(cfg)
         assert strategy.name == cell.prune and cfg.model.name == cell.model and cfg.benchmark.name == cell.benchmark
-        if cell.prune != "none":
+        if cell.budget is not None:
+            assert budget_of(cfg) == (cell.budget, cell.measure)
+        elif cell.prune != "none":
             assert strategy.ratio == cell.ratio
+
+
+def test_paper_tables_say_which_measure_they_report(tmp_path):
+    assert load_experiment("prunevid_table1").report_measure == "final"  # PruneVid's "Retained"
+    assert load_experiment("hieravid_main").report_measure == "layer_avg"
+    equal = load_experiment("equal_budget")
+    assert equal.plot_measure == "flops" and {m for m, _ in equal.budgets} == {
+        "tokens_in",
+        "final",
+        "layer_avg",
+        "flops",
+    }
+    assert all(targets == (0.1, 0.2, 0.3) for _, targets in equal.budgets)
+    main = load_experiment("hieravid_main")
+    assert {c.measure for c in main.cells() if c.prune != "none"} == {"layer_avg"}  # equal budget, not equal ratio
+    md = build_table(load_experiment("prunevid_table1"), tmp_path)["paths"][0].read_text()
+    assert "retained % (final)" in md and "after the last prune" in md
+
+
+def test_budget_cells_sweep_by_measure_and_restrict(tmp_path):
+    exp = load_experiment("equal_budget", {"prune": "fastv,pool", "budget_measure": "final,flops", "budget": "0.2"})
+    assert exp.budget_methods == ("fastv", "pool") and exp.budgets == (("final", (0.2,)), ("flops", (0.2,)))
+    commands = sweep_commands(exp, tmp_path)
+    budgeted = [c for c in commands if "prune=none" not in c]
+    assert len(budgeted) == 4 and all(
+        "budget=0.2" in c and not any(a.startswith("ratio=") for a in c) for c in budgeted
+    )
+    assert {a for c in budgeted for a in c if a.startswith("budget_measure=")} == {
+        "budget_measure=final",
+        "budget_measure=flops",
+    }
+    cell = Cell("m", "b", "fastv", None, 0.2, "flops")
+    assert cell.record(tmp_path).parent.name == "flops-0.2"
+    assert cell.command() == "make eval model=m benchmark=b prune=fastv budget=0.2 budget_measure=flops"
+    with pytest.raises(ValueError, match="budget_measure must be one of"):
+        load_experiment("equal_budget", {"budget_measure": "retained"})
 
 
 @pytest.mark.parametrize("name", ["prunevid_table1", "prunevid_table2", "hieravid_main"])
@@ -104,6 +143,25 @@ def test_tiny_sweep_then_tables_has_no_missing_cell_and_both_plots(tmp_path, off
     for stem in ("ratio_sweep_accuracy", "ratio_sweep_ttft_speedup"):
         assert (tables / f"{stem}.png").stat().st_size > 1000 and (tables / f"{stem}.svg").exists()
     assert all((results / r).exists() for r in ";".join(frame.records).split(";"))
+
+
+def test_equal_budget_sweep_then_tables_plots_on_the_achieved_budget(tmp_path, offline):
+    """`make sweep exp=equal_budget` then `make tables exp=equal_budget`, cut down to two methods and two targets."""
+    results = tmp_path / "results"
+    grid = ["prune=random,fastv", "budget_measure=final", "budget=0.2,0.3"]
+    assert sweep.main(["equal_budget", *grid, "limit=1", "max_new_tokens=1", "--results", str(results)]) == 0
+    assert make_tables.main(["--exp", "equal_budget", "--results", str(results), "--n-boot", "100", *grid]) == 0
+    tables = results / "tables"
+    frame = pd.read_csv(tables / "equal_budget.csv")
+    assert list(frame.prune) == ["none", "random", "random", "fastv", "fastv"]
+    assert frame.budget_measure.tolist()[1:] == ["final"] * 4 and frame.ratio.isna().tolist()[1:] == [True] * 4
+    assert frame.final_retained_pct.tolist()[1:] == pytest.approx([20, 30, 20, 30], rel=0.02)
+    for column in ("tokens_in_retained_pct", "layer_avg_retained_pct", "flops_ratio"):
+        assert frame[column].notna().all(), column
+    assert frame.tokens_in_retained_pct.tolist()[3:] == [100.0, 100.0]  # FastV prunes inside the LLM
+    svg = (tables / "equal_budget_accuracy.svg").read_text()
+    assert "achieved prefill FLOPs ratio vs none" in svg and "fastv (final 20–30 %)" in svg
+    assert "Missing cells" not in (tables / "equal_budget.md").read_text()
 
 
 def test_none_predictions_on_the_tiny_bundle_do_not_drift(tmp_path, offline):

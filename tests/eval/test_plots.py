@@ -25,9 +25,11 @@ def _sweep(ci: bool = False) -> pd.DataFrame:
                         ratio=ratio,
                         accuracy=base - drop / ratio,
                         ttft_speedup=1 / ratio**0.5,
+                        flops_ratio=ratio,
                     )
                 )
     df = pd.DataFrame(rows)  # none's ttft_speedup is NaN, as eval.tables leaves it
+    df.loc[df.prune == "none", "flops_ratio"] = 1.0
     if ci:
         df["ci_low"], df["ci_high"] = df.accuracy - 2.0, df.accuracy + 3.0
     return df
@@ -122,9 +124,21 @@ def test_several_models_make_rows(tmp_path):
 def test_missing_column_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"missing column\(s\) \['ttft_speedup'\]"):
         plot_sweep(_sweep().drop(columns="ttft_speedup"), tmp_path, "s")
-    with pytest.raises(ValueError, match="flops_ratio"):
-        plot_sweep(_sweep(), tmp_path, "s", x="flops_ratio")
+    with pytest.raises(ValueError, match="final_retained_pct"):
+        plot_sweep(_sweep(), tmp_path, "s", x="final_retained_pct")
     with pytest.raises(ValueError, match="ci_low and ci_high"):
         plot_sweep(_sweep(ci=True).drop(columns="ci_high"), tmp_path, "s")
     with pytest.raises(ValueError, match="no rows"):
         plot_sweep(_sweep().iloc[:0], tmp_path, "s")
+
+
+def test_x_is_the_achieved_budget_and_the_knob_is_only_in_the_legend(tmp_path):
+    df = _sweep()
+    df["flops_ratio"] = df.ratio * 0.8  # achieved FLOPs differ from the nominal ratio
+    df.loc[df.prune == "none", "flops_ratio"] = 1.0
+    df["legend"] = df.prune + " (ratio 0.1–0.5)"
+    svg = plot_sweep(df, tmp_path, "s")[1].read_text()
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert texts.count("achieved prefill FLOPs ratio vs none") == 2  # one x label per panel
+    assert "prunevid (ratio 0.1–0.5)" in texts and "prunevid" not in texts
+    assert not any("knob" in t for t in texts)
