@@ -73,6 +73,8 @@ class VidPruneLMM(lmms):
         sample_log: where finished samples are appended and looked up for resume (runner route; optional).
         model, prune, ratio, overrides: CLI route: names of ``configs/model`` and ``configs/prune`` options, the ratio
             and extra Hydra overrides (space separated), composed from ``configs/eval.yaml``.
+        budget, budget_measure: CLI route: a target achieved budget instead of ``ratio`` (the method's knobs are then
+            solved per sample, ``prune/budget.py``); giving both ``ratio`` and ``budget`` is an error.
         max_new_tokens: overrides the task's generation length when set.
         timing: this run's :func:`eval.keys.timing_env` (runner route).
         retime: re-run a sample whose answer is reusable but was timed in another environment.
@@ -87,8 +89,10 @@ class VidPruneLMM(lmms):
         sample_log: SampleLog | None = None,
         model: str = "tiny_llava_ov",
         prune: str = "none",
-        ratio: float = 1.0,
+        ratio: float | None = None,
         overrides: str = "",
+        budget: float | None = None,
+        budget_measure: str = "flops",
         max_new_tokens: int | None = None,
         progress: bool = True,
         timing: dict[str, Any] | None = None,
@@ -103,7 +107,10 @@ class VidPruneLMM(lmms):
             from eval.config import compose_config, make_backbone
 
             extra = [o for o in str(overrides).split() if o]
-            cfg = compose_config([f"model={model}", f"prune={prune}", f"ratio={ratio}", *extra])
+            knob = [f"ratio={ratio}"] if ratio is not None else []
+            if budget is not None:
+                knob += [f"budget={budget}", f"budget_measure={budget_measure}"]
+            cfg = compose_config([f"model={model}", f"prune={prune}", *(knob or ["ratio=1.0"]), *extra])
             backbone = make_backbone(cfg)
         self.backbone, self.log, self.max_new_tokens, self.progress = backbone, sample_log, max_new_tokens, progress
         self.timing = dict(timing or {})

@@ -194,7 +194,15 @@ def test_unknown_benchmark_field_is_rejected(bundle):
 
 def test_budget_run_solves_per_sample_and_records_all_four_measures(bundle, tmp_path):
     """budget=0.3 budget_measure=final: every sample's final retained share within ±2 % of 30 %, knobs per sample."""
-    cfg = _cfg(bundle, tmp_path / "r", "prune=prunevid", "budget=0.3", "budget_measure=final", "paired_baseline=false")
+    cfg = _cfg(
+        bundle,
+        tmp_path / "r",
+        "prune=prunevid",
+        "budget=0.3",
+        "budget_measure=final",
+        "paired_baseline=false",
+        "threads=1",
+    )
     from eval.runner import _prepare_tasks
 
     tasks, include = _prepare_tasks(cfg)
