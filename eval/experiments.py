@@ -537,7 +537,8 @@ def _plots(exp: Experiment, frame: pd.DataFrame, out: Path, x: str | None = None
 
     x = x or exp.plot_measure
     column = MEASURE_COLUMNS[x]
-    legend = {p: f"{p} ({_knob_range(rows)})" for p, rows in frame[frame.prune != "none"].groupby("prune")}
+    done = frame[(frame.prune != "none") & frame[list(exp.benchmarks)].notna().any(axis=1)]  # cells with a record
+    legend = {p: f"{p} ({_knob_range(rows)})" for p, rows in done.groupby("prune")}
     rows = []
     for _, row in frame.iterrows():
         for bench in exp.benchmarks:
