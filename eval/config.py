@@ -79,7 +79,7 @@ def make_backbone(cfg: DictConfig):
 
 
 def at_budget(strategy, budget: tuple[float, str], backbone):
-    """``strategy`` wrapped to hit ``budget = (target, measure)`` on ``backbone``'s LLM (:class:`prune.budget.AtBudget`).
+    """``strategy`` wrapped to hit ``budget = (target, measure)`` on ``backbone``'s LLM (``prune.budget.AtBudget``).
 
     The wrapper needs the LLM's depth and widths for the ``layer_avg`` and ``flops`` measures and the separators of
     the visual span (counted with the prompt text for ``flops``), known once the model is built.

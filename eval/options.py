@@ -135,8 +135,9 @@ def build_strategy(cfg: Any) -> Any:
 
 
 def check_knob_overrides(overrides: Sequence[str]) -> None:
-    """Refuse ``ratio=`` and ``budget=`` together on one command line: one sets each method's own knob, the other
-    solves that knob per sample.
+    """Refuse ``ratio=`` and ``budget=`` together on one command line.
+
+    One sets each method's own knob, the other solves that knob per sample.
 
     Raises:
         OptionError: both were given (``budget=null`` counts as not given).

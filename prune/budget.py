@@ -52,7 +52,19 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from prune.api import LayerInput, LayerSpec, PreLLMOutput, Solved, Strategy, VideoTokens, check_ratio
+from prune.api import (
+    DecodeInput,
+    DecodeSpec,
+    LayerInput,
+    LayerSpec,
+    PreLLMOutput,
+    Solved,
+    Strategy,
+    VideoTokens,
+    check_ratio,
+    decode_spec,
+    vision_inputs,
+)
 from prune.flops import prefill_flops
 
 __all__ = [
@@ -517,6 +529,16 @@ class AtBudget:
     def layer_specs(self) -> tuple[LayerSpec, ...]:
         return self.strategy.layer_specs
 
+    @property
+    def vision_inputs(self) -> frozenset[str]:
+        """The wrapped strategy's vision-side fields (VisionZip, FastVID): the adapter fills them for the wrapper."""
+        return vision_inputs(self.strategy)
+
+    @property
+    def decode_spec(self) -> DecodeSpec | None:
+        """The wrapped strategy's decode-time stage (DyCoke), if any."""
+        return decode_spec(self.strategy)
+
     def pre_llm(self, video: VideoTokens) -> PreLLMOutput:
         """Solve the knobs for this video and run the pre-LLM stage with them."""
         text = 0 if video.text is None else int(video.text.shape[0])
@@ -538,6 +560,9 @@ class AtBudget:
 
     def in_llm(self, step: LayerInput) -> Tensor:
         return self.solved(step.pre).in_llm(step)
+
+    def in_decode(self, step: DecodeInput) -> Tensor | None:
+        return self.solved(step.pre).in_decode(step)  # type: ignore[attr-defined]  # only with a decode_spec
 
     def layer_counts(self, pre: PreLLMOutput, num_layers: int) -> tuple[int, ...]:
         return self.solved(pre).layer_counts(pre, num_layers)

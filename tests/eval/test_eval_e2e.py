@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from eval.options import OptionError
 from eval.runner import REPO, compose_config, run, run_cell
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -236,5 +237,23 @@ def test_ratio_and_budget_together_are_refused(tmp_path):
     )
     assert proc.returncode == 2 and "give one of them" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
-    with pytest.raises(ValueError, match="budget_measure must be one of"):
+    with pytest.raises(OptionError, match="option budget_measure='retained': expected one of tokens_in, final"):
         run(compose_config(["budget=0.2", "budget_measure=retained"]))
+    with pytest.raises(OptionError, match=r"option budget=1.5: expected a target fraction in \(0, 1\]"):
+        run(compose_config(["budget=1.5"]))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_budget_and_measure_are_in_the_answer_key(bundle, tmp_path):
+    """A resume never reuses a sample of another target or measure (nor of a ratio run of the same method)."""
+    from eval.records import config_hash
+    from eval.runner import _cell_config
+
+    def key(*overrides, prune="prunevid"):
+        return config_hash(_cell_config(_cfg(bundle, tmp_path / "r", f"prune={prune}", *overrides)))
+
+    keys = [key("budget=0.3", "budget_measure=final"), key("budget=0.2", "budget_measure=final")]
+    keys += [key("budget=0.3", "budget_measure=layer_avg"), key("ratio=0.3")]
+    assert len(set(keys)) == 4
+    # none ignores both knobs: one paired baseline cell for every ratio and budget
+    assert key("budget=0.3", prune="none") == key("ratio=0.5", prune="none")

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prune.api import LayerSpec, PreLLMOutput, VideoTokens, check_ratio, simulate
+from prune.api import LayerSpec, PreLLMOutput, VideoTokens, check_ratio, decode_spec, simulate, vision_inputs
 from prune.budget import (
     MEASURES,
     TOLERANCE,
@@ -308,3 +308,12 @@ def test_prunevid_moves_tau_only_when_merging_cannot_keep_enough():
     assert sol.reachable and not warned and s.tau > prunevid.tau
     s, pre, sol, warned = _solve(prunevid, video, 0.1, "layer_avg")
     assert sol.reachable and s.tau == prunevid.tau
+
+
+def test_the_wrapper_forwards_vision_inputs_and_the_decode_stage():
+    """An adapter sees the wrapped method's vision-side fields and decode-time stage through the wrapper."""
+    for name in ("visionzip", "fastvid", "dycoke", "prunevid"):
+        inner = _strategy(name)
+        wrapped = AtBudget(inner, 0.3, "final", NUM_LAYERS)
+        assert vision_inputs(wrapped) == vision_inputs(inner) and decode_spec(wrapped) == decode_spec(inner), name
+    assert vision_inputs(_strategy("visionzip")) and decode_spec(_strategy("dycoke")) is not None
