@@ -48,8 +48,9 @@ test: $(STAMP)  ## CPU test suite (GPU tests are skipped)
 eval: $(STAMP)  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
 	$(PY) scripts/run_eval.py $(OVERRIDES) $(ARGS)
 
-# `make sweep exp=ratio_sweep model=tiny_llava_ov`: model/benchmark/prune/ratio narrow the experiment's grid.
-GRID_OVERRIDES := $(foreach v,model benchmark prune ratio results_dir,$(if $($(v)),$(v)=$($(v))))
+# `make sweep exp=ratio_sweep model=tiny_llava_ov`: model/benchmark/prune/ratio/budget/budget_measure narrow the
+# experiment's grid.
+GRID_OVERRIDES := $(foreach v,model benchmark prune ratio budget budget_measure results_dir,$(if $($(v)),$(v)=$($(v))))
 
 sweep: $(STAMP)  ## run the cells of configs/experiment/$(exp).yaml that have no record (Hydra multirun; launcher=slurm)
 	@test -n "$(exp)" || { echo "usage: make sweep exp=<name> (one of: $$(ls configs/experiment | sed 's/.yaml//' | xargs))"; exit 2; }

@@ -36,6 +36,7 @@ KEYS = {
     "benchmarks",
     "methods",
     "budget_methods",
+    "only_measures",
     "budgets",
     "report_measure",
     "plot_measure",
@@ -113,6 +114,7 @@ class Experiment:
     overrides: tuple[str, ...] = ()
     budget_methods: tuple[str, ...] = ()
     budgets: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    only_measures: tuple[tuple[str, tuple[str, ...]], ...] = ()  # method -> the only measures it can be solved for
     report_measure: str = "layer_avg"
     plot_measure: str = "flops"
 
@@ -123,10 +125,12 @@ class Experiment:
             for bench in self.benchmarks:
                 out.append(Cell(model, bench, "none", 1.0))
                 out += [Cell(model, bench, p, r) for p, ratios in self.methods for r in ratios]
+                only = dict(self.only_measures)
                 out += [
                     Cell(model, bench, p, None, b, m)
                     for p in self.budget_methods
                     for m, targets in self.budgets
+                    if m in only.get(p, (m,))
                     for b in targets
                 ]
         return out
@@ -183,6 +187,10 @@ def load_experiment(name: str, restrict: dict[str, str] | None = None) -> Experi
         report, plot = (
             check_measure(raw.get(k, d)) for k, d in (("report_measure", "layer_avg"), ("plot_measure", "flops"))
         )
+        only = raw.get("only_measures") or {}
+        if not isinstance(only, dict):
+            raise ValueError(f"only_measures must map prune -> list of measures, got {only!r}")
+        only = {p: [check_measure(m) for m in _as_list(ms, f"only_measures.{p}", name)] for p, ms in only.items()}
     except ValueError as err:
         raise ValueError(f"experiment {name!r}: {err}") from None
     restrict = dict(restrict or {})
@@ -220,6 +228,7 @@ def load_experiment(name: str, restrict: dict[str, str] | None = None) -> Experi
         overrides=tuple(raw.get("overrides") or ()),
         budget_methods=tuple(budget_methods),
         budgets=tuple((m, tuple(bs)) for m, bs in budgets.items()),
+        only_measures=tuple((p, tuple(ms)) for p, ms in only.items()),
         report_measure=report,
         plot_measure=plot,
     )

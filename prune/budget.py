@@ -32,6 +32,12 @@ tells it what it needs through the contract:
    stage-1 merging (γ) is re-run only when the target needs it (``tokens_in``, or a target α alone cannot reach on
    the stage-1 output), then α is solved on the stage-1 output.
 
+4. optional ``ratio_measure`` class attribute, for a strategy whose counts are known only after the prefill (its
+   ``layer_counts`` raises; FrameFusion's merges follow hidden-state similarity inside the LLM): the measure its
+   ``ratio`` equals by construction (FrameFusion: ``layer_avg``, the official ``cost``). That measure is solved in
+   closed form (``ratio = budget``); any other cannot be solved without running the LLM and is refused with one line
+   when the wrapper is built (:func:`check_solvable`), before any work.
+
 Every knob is a fraction in (0, 1] and every count must be non-decreasing in it; the search is a bisection over
 (0, 1] that keeps the best value seen. A knob must not change ``layer_specs`` (the adapter installs those once).
 
@@ -77,6 +83,8 @@ __all__ = [
     "all_measures",
     "budget_knobs",
     "check_measure",
+    "check_solvable",
+    "ratio_measure",
     "solve",
     "solve_monotone",
 ]
@@ -214,6 +222,30 @@ def budget_knobs(strategy: Strategy) -> tuple[str, ...]:
     return knobs
 
 
+def ratio_measure(strategy: Strategy) -> str | None:
+    """The measure ``ratio`` equals by construction for a strategy whose counts are known only after the prefill.
+
+    ``None`` for every strategy whose ``layer_counts`` works before the LLM runs (the solver searches those).
+    """
+    measure = getattr(strategy, "ratio_measure", None)
+    return None if measure is None else check_measure(measure)
+
+
+def check_solvable(strategy: Strategy, measure: str) -> None:
+    """Refuse a target the solver cannot reach before the LLM runs (one line naming the measures it accepts).
+
+    Raises:
+        ValueError: ``strategy`` declares a ``ratio_measure`` and ``measure`` is another one.
+    """
+    own = ratio_measure(strategy)
+    if own is not None and check_measure(measure) != own:
+        raise ValueError(
+            f"{strategy.name}: its per-layer counts are known only after the prefill (they follow the LLM's hidden "
+            f"states), so budget_measure={measure} cannot be solved before it runs; accepted: budget_measure={own} "
+            f"(its ratio is the {own} budget by construction)"
+        )
+
+
 def _with(strategy: Strategy, **knobs: float) -> Strategy:
     return dataclasses.replace(strategy, **knobs)  # type: ignore[type-var]  # strategies are frozen dataclasses
 
@@ -250,6 +282,8 @@ def solve(
     knobs = budget_knobs(strategy)
     t, p, _ = video.tokens.shape
     n_in = t * p
+    if ratio_measure(strategy) is not None:  # counts known only after the prefill: closed form or refused
+        return _solve_by_construction(strategy, video, budget, measure, knobs)
 
     def measure_of(counts: Sequence[int]) -> float | None:
         # a configuration that leaves a layer without any visual token is not one the adapters can run
@@ -319,6 +353,22 @@ def solve(
             stacklevel=2,
         )
     return s, dataclasses.replace(pre, solved=solved), solved
+
+
+def _solve_by_construction(
+    strategy: Strategy, video: VideoTokens, budget: float, measure: str, knobs: tuple[str, ...]
+) -> tuple[Strategy, PreLLMOutput, Solved]:
+    """A strategy whose ``ratio`` is its ``ratio_measure`` budget by construction: ``ratio = budget``.
+
+    ``achieved`` is that construction's value (the target); the measured counts of the prefill are recorded per sample
+    by the harness next to it.
+    """
+    check_solvable(strategy, measure)
+    if knobs != ("ratio",):
+        raise ValueError(f"{strategy.name}: a ratio_measure strategy is solved through ratio alone, not {knobs}")
+    s = _with(strategy, ratio=float(budget))
+    solved = Solved(((("ratio", float(budget)),)), float(budget), measure, achieved=float(budget), reachable=True)
+    return s, dataclasses.replace(s.pre_llm(video), solved=solved), solved
 
 
 @functools.lru_cache(maxsize=1024)
@@ -512,6 +562,7 @@ class AtBudget:
                 f"budget_measure=flops needs the LLM's hidden and ffn sizes, got {self.hidden} and {self.ffn}"
             )
         knobs = budget_knobs(self.strategy)
+        check_solvable(self.strategy, self.measure)
         probe = _with(self.strategy, **dict.fromkeys(knobs, 0.5))
         if tuple(probe.layer_specs) != tuple(self.strategy.layer_specs):
             raise ValueError(f"{self.strategy.name}: budget knobs {knobs} change layer_specs; they cannot be solved")

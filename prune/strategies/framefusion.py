@@ -36,7 +36,8 @@ decode positions follow the shortened layer-0 cache; here decode step ``i`` sits
 
 ``layer_counts`` cannot be known before the LLM runs (the merges follow hidden-state similarity): it raises, and
 the achieved counts are recorded per sample. The layer average meets ``ratio`` by construction whenever the method
-prunes or stops merging at the budget.
+prunes or stops merging at the budget. ``budget=`` therefore accepts ``budget_measure=layer_avg`` only
+(``ratio_measure``; ``prune/budget.py`` sets ``ratio`` to the target) and refuses the other measures before any work.
 
 Shape legend: ``n`` visual tokens present, ``P`` tokens per frame, ``D`` hidden size, ``k`` survivors.
 """
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +141,8 @@ class FrameFusion:
     ratio_lower_bound: float = 0.1
     num_layers: int = 28
     name: str = "framefusion"
+    # the budget measure ratio equals by construction (counts are known only after the prefill; prune/budget.py)
+    ratio_measure: ClassVar[str] = "layer_avg"
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)

@@ -12,6 +12,7 @@ import pytest
 
 from eval.experiments import EXPERIMENTS, Cell, build_table, load_experiment, sweep_commands
 from eval.runner import REPO, budget_of, compose_config, make_strategy, run_cell
+from prune.budget import MEASURES, check_solvable
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_tables  # noqa: E402
@@ -29,7 +30,9 @@ def test_the_four_tables_exist():
 def test_every_cell_of_every_experiment_composes(name):
     exp = load_experiment(name)
     cells = exp.cells()
-    per_grid = 1 + sum(len(r) for _, r in exp.methods) + len(exp.budget_methods) * sum(len(b) for _, b in exp.budgets)
+    only = dict(exp.only_measures)
+    per_grid = 1 + sum(len(r) for _, r in exp.methods)
+    per_grid += sum(len(b) for p in exp.budget_methods for m, b in exp.budgets if m in only.get(p, (m,)))
     assert len(cells) == len(exp.models) * len(exp.benchmarks) * per_grid
     for cell in cells:
         knob = [f"budget={cell.budget}", f"budget_measure={cell.measure}"] if cell.budget else [f"ratio={cell.ratio}"]
@@ -38,6 +41,7 @@ def test_every_cell_of_every_experiment_composes(name):
         assert strategy.name == cell.prune and cfg.model.name == cell.model and cfg.benchmark.name == cell.benchmark
         if cell.budget is not None:
             assert budget_of(cfg) == (cell.budget, cell.measure)
+            check_solvable(strategy, cell.measure)  # what the option check refuses before a sweep starts
         elif cell.prune != "none":
             assert strategy.ratio == cell.ratio
 
@@ -53,6 +57,12 @@ def test_paper_tables_say_which_measure_they_report(tmp_path):
         "flops",
     }
     assert all(targets == (0.1, 0.2, 0.3) for _, targets in equal.budgets)
+    # every strategy on main, at every measure it can be solved for (FrameFusion: its layer average only)
+    strategies = {p.stem for p in (REPO / "configs" / "prune").glob("*.yaml")} - {"none"}
+    assert set(equal.budget_methods) == strategies
+    cells = {(c.prune, c.measure) for c in equal.cells() if c.prune != "none"}
+    assert {m for p, m in cells if p == "framefusion"} == {"layer_avg"}
+    assert all({m for p, m in cells if p == name} == set(MEASURES) for name in strategies - {"framefusion"})
     main = load_experiment("hieravid_main")
     assert {c.measure for c in main.cells() if c.prune != "none"} == {"layer_avg"}  # equal budget, not equal ratio
     md = build_table(load_experiment("prunevid_table1"), tmp_path)["paths"][0].read_text()

@@ -33,7 +33,8 @@ from prune.flops import prefill_flops
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "prune").glob("*.yaml"))
 # framefusion's per-layer counts follow hidden-state similarity inside the LLM, so no count can be solved before the
-# prefill; budget= refuses it with a message (test_framefusion_refuses_budget).
+# prefill: its ratio is its layer average by construction, the one measure budget= accepts for it
+# (test_framefusion_is_solved_by_construction_for_layer_avg_only).
 NAMES = [p.stem for p in CONFIGS if p.stem not in ("none", "framefusion")]
 NUM_LAYERS = 28
 HIDDEN, FFN = 3584, 18944  # Qwen2-7B, so the flops measure has the real weight of the quadratic term
@@ -244,9 +245,24 @@ def test_at_budget_counts_the_prompt_for_flops():
     assert abs(pre.solved.achieved - 0.2) <= TOLERANCE * 0.2
 
 
-def test_framefusion_refuses_budget():
-    with pytest.raises(ValueError, match="known only after the prefill"):
-        solve(_strategy("framefusion"), _video("mixed"), 0.3, "layer_avg", NUM_LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_framefusion_is_solved_by_construction_for_layer_avg_only(kind):
+    """FrameFusion's ratio is its layer average (the official cost): ratio = budget; other measures are refused."""
+    video = _video(kind)
+    for budget in BUDGETS:
+        s, pre, sol, warned = _solve(_strategy("framefusion"), video, budget, "layer_avg")
+        assert s.ratio == budget and sol.knobs == (("ratio", budget),) and sol.reachable and not warned
+        assert pre.solved == sol and sol.achieved == budget and pre.n == N  # its first merge acts inside the LLM
+        for measure in ("tokens_in", "final", "flops"):
+            with pytest.raises(ValueError, match=f"budget_measure={measure} cannot be solved.*accepted: .*layer_avg"):
+                solve(_strategy("framefusion"), video, budget, measure, NUM_LAYERS, TEXT, HIDDEN, FFN)
+            with pytest.raises(ValueError, match="known only after the prefill"):
+                AtBudget(_strategy("framefusion"), budget, measure, NUM_LAYERS, HIDDEN, FFN)
+    wrapped = AtBudget(_strategy("framefusion"), 0.2, "layer_avg", NUM_LAYERS)
+    assert (
+        wrapped.solved(wrapped.pre_llm(video)).ratio == 0.2
+        and wrapped.layer_specs == _strategy("framefusion").layer_specs
+    )
 
 
 def test_bad_input_is_named():
