@@ -328,7 +328,7 @@ def test_prunevid_moves_tau_only_when_merging_cannot_keep_enough():
 
 def test_the_wrapper_forwards_vision_inputs_and_the_decode_stage():
     """An adapter sees the wrapped method's vision-side fields and decode-time stage through the wrapper."""
-    for name in ("visionzip", "fastvid", "dycoke", "prunevid"):
+    for name in ("visionzip", "fastvid", "dycoke", "holitom", "prunevid"):
         inner = _strategy(name)
         wrapped = AtBudget(inner, 0.3, "final", NUM_LAYERS)
         assert vision_inputs(wrapped) == vision_inputs(inner) and decode_spec(wrapped) == decode_spec(inner), name
