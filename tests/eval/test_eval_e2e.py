@@ -241,6 +241,10 @@ def test_ratio_and_budget_together_are_refused(tmp_path):
         run(compose_config(["budget=0.2", "budget_measure=retained"]))
     with pytest.raises(OptionError, match=r"option budget=1.5: expected a target fraction in \(0, 1\]"):
         run(compose_config(["budget=1.5"]))
+    with pytest.raises(
+        OptionError, match="prune=framefusion .*known only after the prefill.*accepted: budget_measure=layer_avg"
+    ):
+        run(compose_config(["prune=framefusion", "budget=0.3", "budget_measure=final"]))
     assert not (tmp_path / "runs").exists()
 
 
