@@ -4,6 +4,9 @@ Composes ``configs/eval.yaml``; see ``eval/runner.py``. Before Hydra starts, eve
 ``--multirun`` sweep) is composed and validated (``eval.options.precheck``): a bad option, an unknown key or option,
 missing weights or a ratio outside (0, 1] ends with one line saying what is wrong and what is accepted, and exit
 code 2, before any model or data loads. A full disk or a cell held by another run ends with one line and exit 3.
+
+With ``nproc=N`` it launches N ranks of itself through accelerate (``--rank-config <resolved config>``, see
+``eval/distributed.py``); a failing rank prints its line, and this process exits with the launcher's status.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ def _fail(err: BaseException, code: int) -> None:
     sys.exit(code)
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base=None)
-def main(cfg: DictConfig) -> None:
+def guarded_run(cfg: DictConfig) -> None:
+    """``eval.runner.run`` with its errors as one line and an exit code (2: options, 3: environment)."""
     from eval.backbones import BackboneUnavailable
+    from eval.distributed import LaunchFailed
     from eval.records import CellLocked, StorageError
     from eval.runner import run
 
@@ -42,6 +46,13 @@ def main(cfg: DictConfig) -> None:
         _fail(err, EXIT_OPTION)
     except (CellLocked, StorageError) as err:
         _fail(err, EXIT_ENVIRONMENT)
+    except LaunchFailed as err:  # a rank printed its own line; this says where that leaves the cell
+        _fail(err, err.code)
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> None:
+    guarded_run(cfg)
 
 
 def precheck(argv: list[str]) -> None:
@@ -55,6 +66,14 @@ def precheck(argv: list[str]) -> None:
         _fail(err, EXIT_OPTION)
 
 
+def rank_main(config_path: str) -> None:
+    """One rank of a multi-process cell (``nproc``): the config the launching process resolved and checked."""
+    guarded_run(OmegaConf.load(config_path))
+
+
 if __name__ == "__main__":
-    precheck(sys.argv[1:])
-    main()
+    if sys.argv[1:2] == ["--rank-config"]:  # started by eval.distributed.launch through accelerate
+        rank_main(sys.argv[2])
+    else:
+        precheck(sys.argv[1:])
+        main()
