@@ -17,6 +17,7 @@ sample returns ``FAILED_ANSWER``, which no task parses as an option, and the har
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class VidPruneLMM(lmms):
         self.retime, self.partner = retime, partner
         self.prefetch, self.cache = int(prefetch), cache
         self.decode_sources: Counter[str] = Counter()  # where the visuals of the samples run here came from
+        self.loop_s = 0.0  # wall time of generate_until: planning, decoding and the model, as the run experienced it
         self.n_failed = 0
         self.used: dict[tuple[str, int], dict[str, Any]] = {}  # this run's entry of every sample, for scoring
         self.resume: Counter[str] = Counter()  # how each sample was obtained (see runner's record field "resume")
@@ -133,6 +135,7 @@ class VidPruneLMM(lmms):
         Every request is planned first (its keys, and whether the log already holds a reusable answer), so the
         pipeline decodes only the videos of samples that will run, ahead of the model when ``prefetch`` > 0.
         """
+        start = time.perf_counter()
         plans = [self._plan(request) for request in requests]
         jobs = [p for p in plans if p is not None and p.get("run")]
         for i, plan in enumerate(jobs):
@@ -155,6 +158,7 @@ class VidPruneLMM(lmms):
                 entry = self._sample(plan, source if piped else None)
                 self.used[(plan["task"], plan["doc_id"])] = entry
                 answers.append(entry["prediction"])
+        self.loop_s += time.perf_counter() - start
         return answers
 
     def _plan(self, request) -> dict[str, Any] | None:
@@ -214,10 +218,12 @@ class VidPruneLMM(lmms):
             if partner is not None:
                 self._partner_append(partner, {**base, "answer_key": partner[0]}, error=plan["error"])
         else:
+            t0 = time.perf_counter()
             try:
                 visual, failure = (source.get(plan["job"]) if source is not None else None), None
             except Exception as err:  # a bad video: the sample's recorded failure (both runs of a pair fail alike)
                 visual, failure = None, (f"{type(err).__name__}: {err}", traceback.format_exc(limit=5))
+            t1 = time.perf_counter()
             if failure is not None:
                 entry = self._failed(base, *failure)
                 if partner is not None:
@@ -227,10 +233,14 @@ class VidPruneLMM(lmms):
                 entry = self._run(
                     base, plan["video"], plan["context"], plan["gen_kwargs"], partner, plan["evidence"], visual
                 )
+                # The loop's own clock (scripts/bench_eval.py): seconds it waited for the decoded video, and seconds
+                # of the runs (both of a pair; with prefetch=0 and no cache they include the inline decodes).
+                entry["loop_s"] = {"wait": t1 - t0, "run": time.perf_counter() - t1}
         if plan.get("retried"):
             self.resume["retried_failed"] += 1
             self.resume["retried_still_failed"] += int(bool(entry["failed"]))
         if self.log is not None:
+            entry["rank"] = self.rank  # which process of a multi-process cell (nproc) answered it
             self.log.append(entry)
         return entry
 

@@ -338,9 +338,10 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
             f"[vidprune] {cell.run_dir}: its record covers limit={limit}; evaluating limit={limit} instead of "
             f"{cfg.limit} so that it does not shrink (finished samples are reused)"
         )
-    name = f"{cfg.model.name} × {cell.strategy} (ratio {cell.ratio_dir}) × {cfg.benchmark.name}"
-    print(f"[vidprune] {name} -> {cell.run_dir}")
-    print(f"[vidprune] {len(cell.log.done)} samples recorded under these settings in {cell.log.path.name}")
+    if distributed.rank() == 0:
+        name = f"{cfg.model.name} × {cell.strategy} (ratio {cell.ratio_dir}) × {cfg.benchmark.name}"
+        print(f"[vidprune] {name} -> {cell.run_dir}")
+        print(f"[vidprune] {len(cell.log.done)} samples recorded under these settings in {cell.log.path.name}")
     tracker = EvaluationTracker(output_path=str(cell.run_dir / "lmms_eval"))
     start = time.time()
     results = simple_evaluate(
@@ -362,6 +363,7 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
             "used": lmm.used,
             "resume": dict(lmm.resume),
             "video_sources": dict(lmm.decode_sources),
+            "loop_s": lmm.loop_s,
             "device": distributed.device_description(lmm.backbone.device, cell.env.get("machine")),
         }
     )
@@ -373,6 +375,7 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
         lmm.resume.update(part["resume"])
         lmm.decode_sources.update(part["video_sources"])
     devices = [part["device"] for part in parts]
+    lmm.loop_s = max(part["loop_s"] for part in parts)  # the slowest rank's: what the cell waited for
     samples_by_task = results.pop("samples")
     try:
         tracker.save_results_aggregated(results=results, samples=samples_by_task, datetime_str=results["date"])
@@ -451,6 +454,8 @@ def _write_record(cell: _Cell, lmm, evaluated: dict[str, Any], baseline: dict | 
             "cache": switch("cache", cfg.get("cache", False)),
             # where the videos of the samples run here came from: decoded (prefetched or not), cache, inline
             "video_sources": dict(lmm.decode_sources),
+            # wall time of the model's request loop (the slowest rank's): decoding, waiting and the model together
+            "generate_wall_s": lmm.loop_s,
         },
         "resume": resume,
         "n_retried": resume.get("retried_failed", 0),
