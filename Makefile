@@ -12,11 +12,12 @@ STAMP  := $(VENV)/.installed-$(TORCH)$(EXTRAS:%=-%)
 PYCHECK := import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else \
 	f"vidprune: requirements/lock.txt is resolved for CPython 3.11, this is {v[0]}.{v[1]}; use make PYTHON=python3.11")
 
-.PHONY: help setup lock test lint format eval sweep tables bench bench-prune viz probe-model clean
+.PHONY: help setup lock test lint format eval sweep tables bench bench-prune bench-eval viz probe-model clean
 
 # `make eval model=llava_ov prune=hieravid ratio=0.3` (or `budget=0.3 budget_measure=flops` instead of ratio) sets
 # these make variables; they become Hydra overrides.
-EVAL_VARS := model prune benchmark ratio budget budget_measure limit seed device threads paired_baseline logger max_new_tokens results_dir
+EVAL_VARS := model prune benchmark ratio budget budget_measure limit seed device threads paired_baseline logger \
+	max_new_tokens results_dir nproc prefetch cache
 OVERRIDES := $(foreach v,$(EVAL_VARS),$(if $($(v)),$(v)=$($(v))))
 
 help:  ## list targets
@@ -75,6 +76,9 @@ bench: $(STAMP)  ## TTFT of every method vs none on an LLM of the backbone's sha
 
 bench-prune: $(STAMP)  ## CPU time of the pre-LLM stages on PLLaVA and LLaVA-OV shapes
 	$(PY) scripts/bench_prune.py $(BENCH_ARGS)
+
+bench-eval: $(STAMP)  ## eval wall time with prefetch / decode cache on vs off: default eval and a 5-cell sweep (CPU)
+	$(PY) scripts/bench_eval.py $(BENCH_ARGS)
 
 probe-model: $(STAMP)  ## retrain the committed probe model (tests/fixtures/probe_llava_ov) from seeds; ~30 min on 2 cores
 	$(PY) scripts/train_probe.py --out tests/fixtures/probe_llava_ov $(ARGS)

@@ -40,7 +40,10 @@ __all__ = [
     "BackboneUnavailable",
     "ByteIdTokenizer",
     "Family",
+    "Visual",
     "build_backbone",
+    "check_available",
+    "decode_visual",
     "flops_of",
     "load_frames",
 ]
@@ -81,6 +84,36 @@ def load_frames(path: str, num_frames: int) -> tuple[Any, int]:
     if total == 0:
         raise ValueError(f"video has no frames: {path}")
     return reader.get_batch(sample_frame_indices(total, num_frames)).asnumpy(), total
+
+
+@dataclass
+class Visual:
+    """One video decoded, sampled and preprocessed: what every strategy's run of a sample shares.
+
+    Attributes:
+        pixels: ``[1, T, 3, H, W]`` preprocessed frames.
+        frames_in_video: the video's own frame count.
+        timings: seconds of ``video_decode`` and ``preprocess`` as measured when it was decoded (each stage's own
+            time, in the worker thread that ran it: never the time the model waited for it).
+        frames: ``[T, H0, W0, 3]`` uint8 sampled frames, or None when it came from the decode cache.
+        source: ``decoded`` (this run decoded it) or ``cache`` (read from the decode cache, ``eval.frame_cache``).
+    """
+
+    pixels: torch.Tensor
+    frames_in_video: int
+    timings: dict[str, float]
+    frames: Any = None
+    source: str = "decoded"
+
+
+def decode_visual(video: str, num_frames: int, preprocess: Callable[[Any], torch.Tensor]) -> Visual:
+    """Decode ``num_frames`` frames of ``video`` and preprocess them, timing each stage on its own clock."""
+    t0 = time.perf_counter()
+    frames, total = load_frames(video, num_frames)
+    t1 = time.perf_counter()
+    pixels = preprocess(frames)
+    t2 = time.perf_counter()
+    return Visual(pixels, total, {"video_decode": t1 - t0, "preprocess": t2 - t1}, frames)
 
 
 @dataclass
@@ -166,15 +199,15 @@ class Backbone:
                 f"of {context} tokens"
             )
 
-    def prepare(self, video: str, context: str) -> Prepared:
-        """Decode, sample and preprocess ``video`` and build the prompt for ``context``."""
-        t0 = time.perf_counter()
-        frames, total = load_frames(video, self.num_frames)
-        t1 = time.perf_counter()
-        pixels = self.preprocess(frames)
-        t2 = time.perf_counter()
+    def decode(self, video: str) -> Visual:
+        """Decode, sample and preprocess ``video`` (:func:`decode_visual` with this backbone's frames and transform)."""
+        return decode_visual(video, self.num_frames, self.preprocess)
+
+    def prepare(self, video: str, context: str, visual: Visual | None = None) -> Prepared:
+        """Decode, sample and preprocess ``video`` (unless ``visual`` already holds it) and build the prompt."""
+        visual = visual if visual is not None else self.decode(video)
         ids, inputs = self.prompt(self, context)
-        return Prepared(ids, pixels, inputs, frames, total, {"video_decode": t1 - t0, "preprocess": t2 - t1})
+        return Prepared(ids, visual.pixels, inputs, visual.frames, visual.frames_in_video, dict(visual.timings))
 
     def answer(
         self,
@@ -183,6 +216,7 @@ class Backbone:
         gen_kwargs: Mapping[str, Any],
         evidence: Sequence[int] | None = None,
         evidence_grid: int | None = None,
+        visual: Visual | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """Answer ``context`` about ``video`` greedily.
 
@@ -193,11 +227,13 @@ class Backbone:
             evidence: input visual-token indices (``[T*h*w]`` time-then-raster) the answer depends on (known-answer
                 probe documents, :func:`eval.probe.evidence_tokens`); adds ``evidence_retention`` to the stats.
             evidence_grid: the side of the token grid ``evidence`` was computed for; must be the adapter's.
+            visual: ``video`` already decoded and preprocessed (the input pipeline's prefetch or the decode cache);
+                its measured stage times stand in the TTFT. None decodes it here.
 
         Returns:
             The answer text and the per-sample stats.
         """
-        sample = self.prepare(video, context)
+        sample = self.prepare(video, context, visual)
         self.check_context(sample.input_ids)
         max_new = int(gen_kwargs.get("max_new_tokens") or 16)
         run = functools.partial(
@@ -225,6 +261,9 @@ class Backbone:
         stats = {
             "frames": self.num_frames,
             "frames_in_video": sample.frames_in_video,
+            # decoded: by this run (inline or by the prefetch workers); cache: read from the decode cache, its stage
+            # times measured when it was decoded in this timing environment (eval.frame_cache)
+            "video_source": visual.source if visual is not None else "decoded",
             "text_tokens": int((sample.input_ids != self.adapter.placeholder_id).sum()),
             "visual_in": gen.visual_in,
             "visual_pre_llm": gen.visual_pre_llm,
@@ -296,18 +335,12 @@ FAMILIES: dict[str, Family] = _discover_families()
 IMPLEMENTED = tuple(FAMILIES)
 
 
-def build_backbone(cfg: Mapping[str, Any], strategy: Strategy, device: str = "auto") -> Backbone:
-    """Load the model a ``configs/model`` entry describes and install ``strategy`` on it.
-
-    Args:
-        cfg: the model config (``family``, ``loader``, ``checkpoint``, ``num_frames``, ``dtype``, ``tokenizer``, and
-            the family's own keys, which its ``eval/families`` module reads).
-        strategy: the pruning method to install.
-        device: ``auto`` (CUDA when available), or a torch device string.
+def check_available(cfg: Mapping[str, Any]) -> Family:
+    """The family of a ``configs/model`` entry once its loader, tokenizer and weights check out (local files only).
 
     Raises:
         BackboneUnavailable: unknown family, or the weights or tokenizers are missing; the message says what to do.
-        ValueError: an unknown loader or dtype for the family.
+        ValueError: an unknown loader or tokenizer for the family.
     """
     family_name, loader_name = cfg["family"], cfg["loader"]
     family = FAMILIES.get(family_name)
@@ -324,6 +357,24 @@ def build_backbone(cfg: Mapping[str, Any], strategy: Strategy, device: str = "au
         raise ValueError(f"model.tokenizer must be bytes or checkpoint, got {tokenizer_kind!r}")
     if loader_name != "tiny" and not cfg.get("download", False):
         family.check(cfg)  # before anything slow: a missing checkpoint must not cost a model load or a network wait
+    return family
+
+
+def build_backbone(cfg: Mapping[str, Any], strategy: Strategy, device: str = "auto") -> Backbone:
+    """Load the model a ``configs/model`` entry describes and install ``strategy`` on it.
+
+    Args:
+        cfg: the model config (``family``, ``loader``, ``checkpoint``, ``num_frames``, ``dtype``, ``tokenizer``, and
+            the family's own keys, which its ``eval/families`` module reads).
+        strategy: the pruning method to install.
+        device: ``auto`` (CUDA when available), or a torch device string.
+
+    Raises:
+        BackboneUnavailable: unknown family, or the weights or tokenizers are missing; the message says what to do.
+        ValueError: an unknown loader or dtype for the family.
+    """
+    family = check_available(cfg)
+    tokenizer_kind, loader_name = cfg.get("tokenizer", "bytes"), cfg["loader"]
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )

@@ -8,10 +8,11 @@ the same sample, and its timings only count as this run's when its **timing key*
   benchmark's data identity: mode, benchmarks and the resolved ``data_dir``), plus the sample's own inputs: its
   annotation row (the document, hashed as canonical JSON, so an edited row is recomputed and an untouched one is
   not), the prompt text, the generation kwargs and the video's fingerprint (:func:`video_fingerprint`).
-* **Timing key** (:func:`timing_key`): device, dtype, threads, machine, git commit (and dirty flag) and the versions
-  of torch, transformers and lmms-eval. A sample whose answer key matches but whose timing key differs keeps its
-  answer; it is re-timed (``retime=true``, the default) or its timings are kept apart and the record says from
-  which environment its TTFT comes (``retime=false``, see :func:`eval.records.build_record`).
+* **Timing key** (:func:`timing_key`): device, dtype, threads, machine, git commit (and dirty flag), the versions
+  of torch, transformers and lmms-eval, the cell's processes (``nproc``) and decode workers (``prefetch``). A sample
+  whose answer key matches but whose timing key differs keeps its answer; it is re-timed (``retime=true``, the
+  default) or its timings are kept apart and the record says from which environment its TTFT comes
+  (``retime=false``, see :func:`eval.records.build_record`).
 
 Video fingerprint: size, ``mtime_ns`` and the SHA-256 of the first and last 64 KiB (the whole file when smaller).
 Hashing every byte of a benchmark's videos (hundreds of GB) on every resume would cost more than the samples it
@@ -170,10 +171,16 @@ def answer_key(
     )
 
 
-def timing_env(env: Mapping[str, Any], dtype: str | None) -> dict[str, Any]:
-    """The environment fields a timing depends on, from :func:`eval.records.environment` plus the model dtype."""
+def timing_env(env: Mapping[str, Any], dtype: str | None, processes: int = 1, prefetch: int = 0) -> dict[str, Any]:
+    """The environment fields a timing depends on, from :func:`eval.records.environment` plus the model dtype.
+
+    ``processes`` (a cell's ``nproc``) and ``prefetch`` (decode workers) are part of it: on a CPU they share the cores
+    with the model, so they change every stage's time.
+    """
     versions = env.get("versions") or {}
     return {
+        "processes": int(processes),
+        "prefetch": int(prefetch),
         "device": env.get("device"),
         "dtype": dtype,
         "threads": env.get("threads"),

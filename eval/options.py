@@ -24,6 +24,7 @@ __all__ = [
     "check_knob_overrides",
     "check_name",
     "precheck",
+    "switch",
     "validate",
 ]
 
@@ -84,6 +85,30 @@ def _device(value: Any) -> None:
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= torch.cuda.device_count():
             raise _fail("device", value, f"cuda:0 .. cuda:{torch.cuda.device_count() - 1} on this machine")
+
+
+def switch(key: str, value: Any) -> bool:
+    """An on/off option (``cache=off`` on the command line is the string ``off``; YAML reads ``off`` as false)."""
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "off"):
+        return value == "on"
+    raise _fail(key, value, "on or off (or true / false)")
+
+
+def _nproc(value: Any, device: Any) -> None:
+    """``nproc``: processes for one cell; on CUDA one GPU each, so at most the GPUs here (checked after ``device``)."""
+    _int("nproc", value, 1, 1024)
+    if value == 1 or not isinstance(device, str):
+        return
+    if device.startswith("cuda:"):
+        raise _fail(
+            "nproc", value, f"1 with device={device} (nproc > 1 puts rank r on cuda:r; use device=auto or cuda)"
+        )
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available() and value > torch.cuda.device_count():
+        raise _fail("nproc", value, f"at most the {torch.cuda.device_count()} GPUs on this machine (one per process)")
 
 
 def _results_dir(value: Any) -> None:
@@ -205,6 +230,12 @@ def validate(cfg: Any, repo: Path = REPO) -> Any:
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < math.inf:
         raise _fail("lock_wait", wait, "seconds >= 0 to wait for another run on the same cell")
     _choice("logger", cfg.get("logger"), LOGGERS)
+    _nproc(cfg.get("nproc", 1), cfg.get("device"))
+    _int("prefetch", cfg.get("prefetch", 0), 0, 64)
+    switch("cache", cfg.get("cache", False))
+    size = cfg.get("cache_gb", 20)
+    if isinstance(size, bool) or not isinstance(size, int | float) or not 0 < size < math.inf:
+        raise _fail("cache_gb", size, "the decode cache's size cap in GB, a number > 0")
     _results_dir(cfg.get("results_dir"))
     _model(cfg.model)
     _benchmark(cfg.benchmark, repo)

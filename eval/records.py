@@ -162,7 +162,9 @@ class SampleLog:
     (:mod:`eval.keys`). ``done`` maps ``(task, doc_id)`` to the latest line with this hash; whether it may be reused
     for the current inputs is :meth:`lookup`'s decision. Opening the log cuts a torn last line (a kill or a full
     disk mid-write) off the file, so the next append starts on a fresh line; ``torn_bytes`` says how much went.
-    Open it only while holding the cell's lock (:func:`cell_lock`).
+    Open it only while the run holds the cell's lock (:func:`cell_lock`; in a multi-process cell, rank 0 holds it for
+    all ranks). Reading, cutting and every append hold an exclusive ``flock`` on the log itself, so the ranks of one
+    cell append to one file and a reader never cuts a line another rank is writing.
     """
 
     path: Path
@@ -179,15 +181,16 @@ class SampleLog:
             raise storage_error(self.path.parent, err) from err
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            self.torn_bytes = len(data) - keep
-            with self.path.open("r+b") as f:
+        with self.path.open("r+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # the processes of one cell (nproc) share the log: one at a time
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                self.torn_bytes = len(data) - keep
                 f.truncate(keep)
                 f.flush()
                 os.fsync(f.fileno())
-            data = data[:keep]
+                data = data[:keep]
         for line in data.decode(errors="replace").splitlines():
             try:
                 entry = json.loads(line)
@@ -230,6 +233,9 @@ class SampleLog:
         except OSError as err:
             raise storage_error(self.path, err) from err
         try:
+            # Exclusive while appending: the ranks of a multi-process cell append to one log, and the cut-back below
+            # must never take another process's line with it (O_APPEND alone is not atomic on NFS).
+            fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
             try:
                 written = os.write(fd, line)

@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from eval import distributed
 from eval.config import CONFIGS, REPO, budget_of, compose_config, make_backbone, make_paired_backbones, make_strategy
-from eval.keys import timing_env
-from eval.options import OptionError, validate
+from eval.keys import stable_hash, timing_env
+from eval.options import OptionError, switch, validate
 from eval.records import (
+    CellLocked,
     SampleLog,
+    StorageError,
     build_record,
     cell_dir,
     cell_lock,
@@ -212,19 +216,48 @@ def _max_limit(*limits: int | None) -> int | None:
     return None if any(v is None for v in limits) else max(limits)
 
 
-@contextlib.contextmanager
-def _open_cell(cfg: DictConfig, data: dict[str, Any]) -> Iterator[_Cell]:
+def _cell_path(cfg: DictConfig) -> tuple[str, str, Path]:
+    """The strategy name, the ratio folder and the cell folder of ``cfg``."""
     strategy = _strategy_name(cfg)
     budget = None if strategy == "none" else _cell_budget(cfg)
     ratio_dir = knob_folder(strategy, float(cfg.ratio), *(budget or (None, None)))
-    run_dir = cell_dir(_results_root(cfg), cfg.model.name, cfg.benchmark.name, strategy, ratio_dir)
+    return strategy, ratio_dir, cell_dir(_results_root(cfg), cfg.model.name, cfg.benchmark.name, strategy, ratio_dir)
+
+
+@contextlib.contextmanager
+def _cell_held(run_dir: Path, wait: float) -> Iterator[None]:
+    """The cell's lock for this run: taken by rank 0 for all ranks of a multi-process cell, the others waiting for it.
+
+    A rank that learns that rank 0 could not take it exits quietly (rank 0 prints the one line).
+    """
+    if distributed.rank() != 0:
+        if distributed.broadcast(None) is not None:
+            raise SystemExit(1)
+        yield
+        return
+    try:
+        with cell_lock(run_dir, wait):
+            distributed.broadcast(None)
+            yield
+    except (CellLocked, StorageError) as err:
+        if distributed.is_rank():
+            distributed.broadcast(str(err))
+        raise
+
+
+@contextlib.contextmanager
+def _open_cell(cfg: DictConfig, data: dict[str, Any]) -> Iterator[_Cell]:
+    strategy, ratio_dir, run_dir = _cell_path(cfg)
+    budget = None if strategy == "none" else _cell_budget(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise storage_error(run_dir, err) from err
-    with cell_lock(run_dir, float(cfg.get("lock_wait", 0))):
+    with _cell_held(run_dir, float(cfg.get("lock_wait", 0))):
         env = environment("cuda" if _cuda(cfg.device) else "cpu")
-        timing = timing_env(env, cfg.model.get("dtype"))
+        timing = timing_env(
+            env, cfg.model.get("dtype"), processes=distributed.world_size(), prefetch=int(cfg.get("prefetch", 0))
+        )
         log = SampleLog(run_dir / "samples.jsonl", config_hash(_cell_config(cfg, data["data_dir"])))
         if log.torn_bytes:
             print(f"[vidprune] cut a torn last line ({log.torn_bytes} bytes) off {log.path}")
@@ -236,31 +269,49 @@ def _open_cell(cfg: DictConfig, data: dict[str, Any]) -> Iterator[_Cell]:
         yield _Cell(cfg, strategy, run_dir, ratio_dir, log, data, env, timing, previous, budget)
 
 
+def _frame_cache(cfg: DictConfig):
+    """The decode cache of ``cfg``'s results folder (``cache=on``), else None."""
+    if not switch("cache", cfg.get("cache", False)):
+        return None
+    from eval.frame_cache import FrameCache
+
+    return FrameCache(_results_root(cfg) / ".cache" / "frames", int(float(cfg.get("cache_gb", 20)) * 1e9))
+
+
 def _lmm(cell: _Cell, backbone, partner=None):
     from eval.lmms_model import VidPruneLMM
 
-    return VidPruneLMM(
+    lmm = VidPruneLMM(
         backbone=backbone,
         sample_log=cell.log,
         max_new_tokens=cell.cfg.max_new_tokens,
         timing=cell.timing,
         retime=bool(cell.cfg.get("retime", True)),
         partner=partner,
+        progress=distributed.rank() == 0,
+        prefetch=int(cell.cfg.get("prefetch", 0)),
+        cache=_frame_cache(cell.cfg),
     )
+    if _ACCELERATOR is not None:  # lmms-eval's multi-process route gathers request counts through it
+        lmm.accelerator = _ACCELERATOR
+    return lmm
 
 
 def run_cell(
     cfg: DictConfig, tasks: list[str], include_path: str | None, baseline: dict | None = None, backbone=None
-) -> dict:
-    """Evaluate one cell and write its record (times from this cell's own samples); return the record."""
+) -> dict | None:
+    """Evaluate one cell and write its record (times from this cell's own samples); return the record.
+
+    In a multi-process cell every rank calls it; rank 0 writes and returns the record, the others return None.
+    """
     _seed_everything(int(cfg.seed), cfg.threads)
     with _open_cell(cfg, _data_identity(cfg)) as cell:
         lmm = _lmm(cell, backbone if backbone is not None else make_backbone(cfg))
         evaluated = _evaluate(cell, lmm, tasks, include_path, cell.limit)
-        return _write_record(cell, lmm, evaluated, baseline)
+        return None if evaluated is None else _write_record(cell, lmm, evaluated, baseline)
 
 
-def run_paired(cfg: DictConfig, base_cfg: DictConfig, tasks: list[str], include_path: str | None) -> dict:
+def run_paired(cfg: DictConfig, base_cfg: DictConfig, tasks: list[str], include_path: str | None) -> dict | None:
     """Evaluate a pruned cell with ``none`` timed back-to-back on every sample; write both records.
 
     Each sample is answered by both backbones in one process, alternating which goes first, so load drift
@@ -277,14 +328,19 @@ def run_paired(cfg: DictConfig, base_cfg: DictConfig, tasks: list[str], include_
         lmm = _lmm(cell, pruned_bb, Partner(none_bb, none_cell.log))
         evaluated = _evaluate(cell, lmm, tasks, include_path, limit)
         none_lmm = _lmm(none_cell, none_bb)
-        base = _write_record(
-            none_cell, none_lmm, _evaluate(none_cell, none_lmm, tasks, include_path, _max_limit(limit, none_cell.limit))
-        )
+        none_evaluated = _evaluate(none_cell, none_lmm, tasks, include_path, _max_limit(limit, none_cell.limit))
+        if evaluated is None:  # not rank 0 of a multi-process cell: rank 0 writes both records
+            return None
+        base = _write_record(none_cell, none_lmm, none_evaluated)
         return _write_record(cell, lmm, evaluated, base)
 
 
-def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limit: int | None) -> dict[str, Any]:
-    """Run lmms-eval over the cell's samples and score each from this run's entries."""
+def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limit: int | None) -> dict | None:
+    """Run lmms-eval over the cell's samples and score each from this run's entries.
+
+    In a multi-process cell, lmms-eval gives each rank its shard; the entries of every rank are then gathered on rank
+    0, which scores them all. The other ranks return None.
+    """
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.tasks import TaskManager
@@ -298,11 +354,12 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
             f"[vidprune] {cell.run_dir}: its record covers limit={limit}; evaluating limit={limit} instead of "
             f"{cfg.limit} so that it does not shrink (finished samples are reused)"
         )
-    budget = cell.budget
-    knob = f"budget {budget[1]}={budget[0]:g}, knobs solved per sample" if budget else f"ratio {cell.ratio_dir}"
-    name = f"{cfg.model.name} × {cell.strategy} ({knob}) × {cfg.benchmark.name}"
-    print(f"[vidprune] {name} -> {cell.run_dir}")
-    print(f"[vidprune] {len(cell.log.done)} samples recorded under these settings in {cell.log.path.name}")
+    if distributed.rank() == 0:
+        budget = cell.budget
+        knob = f"budget {budget[1]}={budget[0]:g}, knobs solved per sample" if budget else f"ratio {cell.ratio_dir}"
+        name = f"{cfg.model.name} × {cell.strategy} ({knob}) × {cfg.benchmark.name}"
+        print(f"[vidprune] {name} -> {cell.run_dir}")
+        print(f"[vidprune] {len(cell.log.done)} samples recorded under these settings in {cell.log.path.name}")
     tracker = EvaluationTracker(output_path=str(cell.run_dir / "lmms_eval"))
     start = time.time()
     results = simple_evaluate(
@@ -319,6 +376,24 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
         # 1: EgoSchema/NExT-QA fall back to random.choice; scoring on threads would make that irreproducible
         process_docs_parallel=PROCESS_DOCS_PARALLEL,
     )
+    parts = distributed.gather(
+        {
+            "used": lmm.used,
+            "resume": dict(lmm.resume),
+            "video_sources": dict(lmm.decode_sources),
+            "loop_s": lmm.loop_s,
+            "device": distributed.device_description(lmm.backbone.device, cell.env.get("machine")),
+        }
+    )
+    if parts is None:  # not rank 0: its samples are logged and now on rank 0, which writes the record
+        return None
+    lmm.used, lmm.resume, lmm.decode_sources = {}, Counter(), Counter()
+    for part in parts:  # every rank's answers, resume counts and video sources, in rank order
+        lmm.used.update(part["used"])
+        lmm.resume.update(part["resume"])
+        lmm.decode_sources.update(part["video_sources"])
+    devices = [part["device"] for part in parts]
+    lmm.loop_s = max(part["loop_s"] for part in parts)  # the slowest rank's: what the cell waited for
     samples_by_task = results.pop("samples")
     try:
         tracker.save_results_aggregated(results=results, samples=samples_by_task, datetime_str=results["date"])
@@ -361,7 +436,14 @@ def _evaluate(cell: _Cell, lmm, tasks: list[str], include_path: str | None, limi
             )
             if not failed:
                 flops.append(flops_of(entry["stats"], shape))
-    return {"results": results, "scored": scored, "flops": flops, "limit": limit, "wall_s": time.time() - start}
+    return {
+        "results": results,
+        "scored": scored,
+        "flops": flops,
+        "limit": limit,
+        "wall_s": time.time() - start,
+        "devices": devices,
+    }
 
 
 def _write_record(cell: _Cell, lmm, evaluated: dict[str, Any], baseline: dict | None = None) -> dict:
@@ -387,6 +469,16 @@ def _write_record(cell: _Cell, lmm, evaluated: dict[str, Any], baseline: dict | 
         "data": cell.data,
         **cell.env,
         "wall_s": evaluated["wall_s"],
+        "nproc": len(evaluated["devices"]),
+        "devices": evaluated["devices"],  # every rank: host, torch device, what it is
+        "input_pipeline": {
+            "prefetch": int(cfg.get("prefetch", 0)),
+            "cache": switch("cache", cfg.get("cache", False)),
+            # where the videos of the samples run here came from: decoded (prefetched or not), cache, inline
+            "video_sources": dict(lmm.decode_sources),
+            # wall time of the model's request loop (the slowest rank's): decoding, waiting and the model together
+            "generate_wall_s": lmm.loop_s,
+        },
         "resume": resume,
         "n_retried": resume.get("retried_failed", 0),
         "n_retried_still_failed": resume.get("retried_still_failed", 0),
@@ -489,13 +581,27 @@ def _none_config(cfg: DictConfig) -> DictConfig:
     return base_cfg
 
 
-def run(cfg: DictConfig) -> dict:
-    """Validate every option, evaluate ``cfg`` (and its paired ``none`` baseline), then rebuild ``results/tables``."""
+_ACCELERATOR = None  # this process's accelerate Accelerator when it is one rank of a multi-process cell
+
+
+def run(cfg: DictConfig) -> dict | None:
+    """Validate every option, evaluate ``cfg`` (and its paired ``none`` baseline), then rebuild ``results/tables``.
+
+    With ``nproc`` > 1 this process launches the ranks (:mod:`eval.distributed`) and returns the record rank 0 wrote;
+    in a rank it runs its shard, and rank 0 writes the records and tables (the other ranks return None).
+    """
+    global _ACCELERATOR
     from eval.tables import write_tables
 
     strategy = validate(cfg)  # one line per bad option, before any data or model is touched
-    tasks, include_path = _prepare_tasks(cfg)
-    if cfg.paired_baseline and strategy.name != "none":
+    paired = bool(cfg.paired_baseline and strategy.name != "none")
+    if int(cfg.get("nproc", 1)) > 1 and not distributed.is_rank():
+        return _launch(cfg, paired)
+    _ACCELERATOR = distributed.start(_cuda(cfg.device))
+    if _ACCELERATOR is not None:
+        cfg = _rank_config(cfg, _ACCELERATOR)
+    tasks, include_path = _on_rank0(lambda: _prepare_tasks(cfg))
+    if paired:
         base_cfg = _none_config(cfg)
         if cfg.get("paired_timing", True):
             record = run_paired(cfg, base_cfg, tasks, include_path)
@@ -504,6 +610,63 @@ def run(cfg: DictConfig) -> dict:
             record = run_cell(cfg, tasks, include_path, baseline)
     else:
         record = run_cell(cfg, tasks, include_path)
-    tables = write_tables(_results_root(cfg))
-    print(f"[vidprune] tables: {', '.join(str(p) for p in tables)}")
+    if distributed.rank() == 0:
+        tables = write_tables(_results_root(cfg))
+        print(f"[vidprune] tables: {', '.join(str(p) for p in tables)}")
+    distributed.barrier()
     return record
+
+
+def _on_rank0(fn):
+    """``fn()`` computed by rank 0 only (files it writes are written once) and handed to every rank."""
+    if not distributed.is_rank():
+        return fn()
+    result, error = None, None
+    if distributed.rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks learned of it
+            error = err
+    result, failed = distributed.broadcast((result, error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise SystemExit(1)  # rank 0 prints the one line
+    return result
+
+
+def _rank_config(cfg: DictConfig, accelerator) -> DictConfig:
+    """``cfg`` for this rank: its own GPU (``cuda:<local rank>``) or the CPU."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.device = str(accelerator.device) if accelerator.device.type == "cuda" else "cpu"
+    return cfg
+
+
+def _launch(cfg: DictConfig, paired: bool) -> dict:
+    """Run ``cfg`` on ``nproc`` ranks; return the record rank 0 wrote.
+
+    Before anything starts, the launching process checks what it can so that errors keep their one line and exit
+    code: the weights (exit 2) and the cells' locks (exit 3: another run holds one).
+    """
+    from eval.backbones import check_available
+
+    check_available(OmegaConf.to_container(cfg.model, resolve=True))
+    cells = [_cell_path(cfg)[2]] + ([_cell_path(_none_config(cfg))[2]] if paired else [])
+    for run_dir in cells:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(run_dir, err) from err
+        with cell_lock(run_dir, float(cfg.get("lock_wait", 0))):
+            pass  # free now; rank 0 takes it for the run
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = _results_root(cfg) / ".cache" / "launch" / f"{stable_hash(text)}.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(path.parent, err) from err
+    write_atomic(path, text)
+    distributed.launch(path, int(cfg.nproc), REPO / "scripts" / "run_eval.py")
+    record_path = cells[0] / "record.json"
+    return {**json.loads(record_path.read_text()), "_path": str(record_path)}

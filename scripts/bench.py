@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import re
 import resource
@@ -242,7 +243,13 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
         f"LLM {shape['layers']} layers, d={shape['hidden']}, MLP {shape['ffn']}, {shape['heads']}/{shape['kv_heads']} "
         f"query/key-value heads; {meta['visual_tokens']} visual tokens ({meta['frames']} frames x {meta['grid']}), "
         f"{meta['dtype']}, attention {meta['attn']}, {meta['threads']} threads, {meta['repeats']} repeats, "
-        f"torch {meta['versions']['torch']}, git {str(meta['git_sha'])[:10]}.",
+        f"torch {meta['versions']['torch']}, git {str(meta['git_sha'])[:10]}."
+        + (
+            f" Load average (1/5/15 min) {'/'.join(map(str, meta['load_avg_1_5_15_start']))} at the start, "
+            f"{'/'.join(map(str, meta['load_avg_1_5_15_end']))} at the end."
+            if "load_avg_1_5_15_start" in meta
+            else ""
+        ),
         "",
         "| method | ratio | visual in LLM | TTFT ms (median) | speed-up | FLOPs x | efficiency | pre-LLM ms "
         "| pre-LLM % of prefill | pre-LLM GFLOPs | KV MiB | peak mem MiB |",
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = ap.parse_args(argv)
+    load_start = os.getloadavg()  # the machine's load while timing (shared machines): recorded with the results
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         **env,
         "machine": machine,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "load_avg_1_5_15_start": [round(v, 2) for v in load_start],
+        "load_avg_1_5_15_end": [round(v, 2) for v in os.getloadavg()],
     }
     report = markdown(meta, rows, checks)
     print("\n" + report)

@@ -5,6 +5,9 @@ Composes ``configs/eval.yaml``; see ``eval/runner.py``. Before Hydra starts, eve
 missing weights, a ratio or budget outside (0, 1], an unknown budget_measure or ``ratio=`` with ``budget=`` ends with
 one line saying what is wrong and what is accepted, and exit code 2, before any model or data loads. A full disk or a
 cell held by another run ends with one line and exit 3.
+
+With ``nproc=N`` it launches N ranks of itself through accelerate (``--rank-config <resolved config>``, see
+``eval/distributed.py``); a failing rank prints its line, and this process exits with the launcher's status.
 """
 
 from __future__ import annotations
@@ -31,22 +34,34 @@ def _fail(err: BaseException, code: int) -> None:
     sys.exit(code)
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base=None)
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
+def guarded_run(cfg: DictConfig) -> None:
+    """``eval.runner.run`` with its errors as one line and an exit code (2: options, 3: environment)."""
     from eval.backbones import BackboneUnavailable
-    from eval.options import check_knob_overrides
+    from eval.distributed import LaunchFailed
     from eval.records import CellLocked, StorageError
     from eval.runner import run
 
     try:
-        check_knob_overrides(HydraConfig.get().overrides.task)  # ratio= and budget= together
         run(cfg)
     except (BackboneUnavailable, FileNotFoundError, ValueError) as err:
         _fail(err, EXIT_OPTION)
     except (CellLocked, StorageError) as err:
         _fail(err, EXIT_ENVIRONMENT)
+    except LaunchFailed as err:  # a rank printed its own line; this says where that leaves the cell
+        _fail(err, err.code)
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from eval.options import OptionError, check_knob_overrides
+
+    try:
+        check_knob_overrides(HydraConfig.get().overrides.task)  # ratio= and budget= together (also after --cfg etc.)
+    except OptionError as err:
+        _fail(err, EXIT_OPTION)
+    guarded_run(cfg)
 
 
 def precheck(argv: list[str]) -> None:
@@ -60,6 +75,14 @@ def precheck(argv: list[str]) -> None:
         _fail(err, EXIT_OPTION)
 
 
+def rank_main(config_path: str) -> None:
+    """One rank of a multi-process cell (``nproc``): the config the launching process resolved and checked."""
+    guarded_run(OmegaConf.load(config_path))
+
+
 if __name__ == "__main__":
-    precheck(sys.argv[1:])
-    main()
+    if sys.argv[1:2] == ["--rank-config"]:  # started by eval.distributed.launch through accelerate
+        rank_main(sys.argv[2])
+    else:
+        precheck(sys.argv[1:])
+        main()

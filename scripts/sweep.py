@@ -7,7 +7,9 @@
 
 Each method becomes one Hydra ``--multirun`` of ``scripts/run_eval.py`` over its models, benchmarks and ratios;
 the paired ``none`` cell is evaluated (or resumed) by the runner. Finished cells are skipped, finished samples of an
-interrupted cell resume, so a sweep can be re-run until nothing is missing.
+interrupted cell resume, so a sweep can be re-run until nothing is missing. Every cell runs with the decode cache
+(``cache=on``, unless the command line says ``cache=off``), so each video is decoded once per sweep.
+``nproc=N`` runs every cell on N processes (docs/eval.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     restrict, extra, results = split_overrides(args.overrides)
+    if not any(o.startswith("cache=") for o in extra):  # the cells of a sweep share one decode of every video
+        extra = ["cache=on", *extra]
     args.results = results or args.results  # results_dir= (as for make eval) decides which records count as done
     try:
         exp = load_experiment(args.experiment, restrict)

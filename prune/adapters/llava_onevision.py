@@ -26,7 +26,8 @@ through :class:`prune.adapters.llm.PrunedLM`.
   changes the token set, the rows no longer exist, so one newline follows each run of output tokens from the same
   frame (the frame of a merged token is that of its earliest member). Sorted outputs (``random``, ``pool``,
   ``hieravid``) thus get one newline per frame, PruneVid one per frame of each segment (its static tokens join the
-  segment's first frame). HoliTom's ``add_newline_token`` keeps one newline per frame the same way.
+  segment's first frame), HoliTom one per frame too (its own ``add_newline_token`` puts one after every row that
+  still has tokens: a documented deviation).
 
 **Vision-side inputs** (``VideoTokens.frame_*``, computed only for strategies that declare them; see
 :mod:`prune.adapters.vision`). The layer is the one whose output the VLM uses (``vision_feature_layer``; the last

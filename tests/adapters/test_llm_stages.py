@@ -68,14 +68,15 @@ def _generate(lm, head, strategy, steps=4):
     return x, tokens, stats, logits
 
 
-def _reference(lm, head, x, generated, stages, renumber, hide_from_new=False, merges=None):
+def _reference(lm, head, x, generated, stages, renumber, hide_from_new=False, merges=None, vis=None):
     """One eager forward over prompt + generated tokens with the stages applied by hand.
 
     ``stages``: ``(first_layer, kept visual indices into the current visual tokens)``; before ``first_layer`` the
     other visual tokens leave the sequence (``merges[first_layer]``: ``(into, weights)`` combine hidden states as
     ``LayerMerge`` says). With ``renumber`` the remaining sequence (prompt and generated tokens) is numbered
     ``0..S'-1``; otherwise every token keeps its position. ``hide_from_new`` hides the dropped tokens from the
-    generated tokens in the layers before the drop (``prune_past_kv``).
+    generated tokens in the layers before the drop (``prune_past_kv``). ``vis``: the prompt's visual index per
+    position (-1 for text and separators), default ``PREFIX`` text then ``N`` visual tokens.
     """
     merges = merges or {}
     s = x.shape[1]
@@ -86,14 +87,18 @@ def _reference(lm, head, x, generated, stages, renumber, hide_from_new=False, me
         orig = torch.arange(total)  # original index of each current token
         pos = torch.arange(total)
         visual = torch.full((total,), -1)
-        visual[PREFIX : PREFIX + N] = torch.arange(N)
+        if vis is None:
+            visual[PREFIX : PREFIX + N] = torch.arange(N)
+        else:
+            visual[:s] = vis
+        where = (visual >= 0).nonzero()[:, 0]  # sequence position of each visual token, in visual order
         allowed = torch.ones(total, total, dtype=torch.bool).tril()
         stage_at = dict(stages)
         if hide_from_new:  # the generated tokens never see what any stage removed
             cur = torch.arange(N)
             for _, keep in stages:
                 gone = cur[~torch.isin(torch.arange(cur.numel()), keep)]
-                allowed[s:, PREFIX + gone] = False
+                allowed[s:, where[gone]] = False
                 cur = cur[keep]
         mask_full = torch.zeros(total, total).masked_fill(~allowed, float("-inf"))
         for i, layer in enumerate(lm.layers):
@@ -304,7 +309,7 @@ def test_merged_kv_decoding_equals_recompute_on_the_merged_sequence(llm, prune_p
     )
     for step, row in enumerate(logits):
         torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)
-    # and the merge matters: dropping without merging decodes differently
+    # and the merge matters: dropping without merging decodes differently (checked below with separators too)
     is_kept = torch.isin(torch.arange(N), torch.tensor(keep))
     drop = FixedMerge(keep, tuple(torch.tensor(into).where(is_kept, -1).tolist()), tuple(is_kept.float().tolist()))
     _, _, _, drop_logits = _generate(lm, head, drop, steps=1)
@@ -566,5 +571,35 @@ def test_holitom_merge_decodes_like_the_official_loop_recomputed(llm, merge_laye
     keep, ref = _holitom_by_hand(lm, head, x, tokens, merge_layer, 0.5)
     assert stats.visual_per_layer == [N] * merge_layer + [N // 2] * (4 - merge_layer)
     assert torch.equal(stats.kept[0], keep)
+    for step, row in enumerate(logits):
+        torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prune_past_kv", [False, True])
+def test_merged_kv_decoding_with_separators_inside_the_visual_span(llm, prune_past_kv):
+    """LLaVA-Video's layout after pre-LLM pruning: a newline after every frame's tokens, inside the visual span. The
+    separators stay (never merged), and decoding over the merged cache equals one forward over the merged sequence."""
+    lm, head = llm
+    x0, _, pre = _prompt(lm)
+    per_frame = 10
+    newline = x0[0, :1]  # any fixed embedding stands in for image_newline
+    parts, vis = [x0[0, :PREFIX]], [-1] * PREFIX
+    for f in range(N // per_frame):
+        parts += [x0[0, PREFIX + f * per_frame : PREFIX + (f + 1) * per_frame], newline]
+        vis += list(range(f * per_frame, (f + 1) * per_frame)) + [-1]
+    parts.append(x0[0, PREFIX + N :])
+    vis += [-1] * SUFFIX
+    x, vis = torch.cat(parts)[None], torch.tensor(vis)
+    keep = tuple(range(0, N, 4))
+    into, weights = _mean_merge(keep)
+    strategy = FixedMerge(keep, into, weights, layer=1, prune_past_kv=prune_past_kv)
+    pruned = PrunedLM(lm, head, strategy)
+    try:
+        tokens, stats, logits = pruned.generate(x, vis, pre, max_new_tokens=5, return_logits=True)
+    finally:
+        pruned.remove()
+    assert stats.visual_per_layer == [N, N, len(keep), len(keep)]
+    merges = {2: (torch.tensor(into), torch.tensor(weights))}
+    ref = _reference(lm, head, x, tokens, [(2, torch.tensor(keep))], False, prune_past_kv, merges, vis=vis)
     for step, row in enumerate(logits):
         torch.testing.assert_close(row, ref[step], rtol=1e-4, atol=1e-4)

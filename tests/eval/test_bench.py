@@ -34,6 +34,7 @@ def test_bench_reports_every_method_against_none(tmp_path):
     for t in report["targets"]:
         assert t["met"] or "pre-LLM" in t["where"]  # a miss names the stage holding the time
     assert report["meta"]["threads"] >= 1 and report["meta"]["versions"]["torch"]
+    assert len(report["meta"]["load_avg_1_5_15_start"]) == 3 and len(report["meta"]["load_avg_1_5_15_end"]) == 3
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().startswith("<!-- generated")
 
 

@@ -109,7 +109,9 @@ def test_fastv_ratio_one_predicts_exactly_like_none(bundle, tmp_path):
 def test_bad_videos_are_recorded_failures_and_a_killed_run_resumes(bundle, tmp_path, monkeypatch):
     data = tmp_path / "bad_bench"
     shutil.copytree(bundle, data)
-    cfg = _cfg(data, tmp_path / "results", "prune=none", "paired_baseline=false")
+    # prefetch=0: every run decodes inline, in Backbone.answer, so `calls` counts failing decodes too
+    # (tests/eval/test_scale.py covers bad videos with the prefetch workers)
+    cfg = _cfg(data, tmp_path / "results", "prune=none", "paired_baseline=false", "prefetch=0")
     from eval.runner import _prepare_tasks
 
     tasks, include = _prepare_tasks(cfg)
@@ -134,9 +136,9 @@ def test_bad_videos_are_recorded_failures_and_a_killed_run_resumes(bundle, tmp_p
 
     original = Backbone.answer
 
-    def counting(self, video, context, gen_kwargs):
+    def counting(self, video, context, gen_kwargs, **kwargs):
         calls.append(video)
-        return original(self, video, context, gen_kwargs)
+        return original(self, video, context, gen_kwargs, **kwargs)
 
     monkeypatch.setattr(Backbone, "answer", counting)
     record = run_cell(cfg, tasks, include)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from eval import runner
+from eval.backbones import Visual
 from eval.options import OptionError, check_name, precheck
 from eval.records import CellLocked, SampleLog, StorageError, cell_dir, cell_lock, write_atomic
 from eval.runner import REPO, compose_config, run, run_cell
@@ -50,14 +51,26 @@ def offline(monkeypatch, tmp_path):
 class FakeBackbone:
     """Stands in for eval.backbones.Backbone: fails on a missing video like decord does, TTFT from ``ttft``."""
 
+    num_frames, device = 32, torch.device("cpu")
+
     def __init__(self, name: str = "none", ttft=lambda: 0.1 * torch.get_num_threads()) -> None:
         self.name, self.ttft, self.calls = name, ttft, []
         self.llm_shape = SHAPE
 
-    def answer(self, video, context, gen_kwargs):
-        self.calls.append(video)
+    @staticmethod
+    def preprocess(frames):
+        return frames
+
+    def decode(self, video):
+        """The input pipeline's decode (prefetch workers, decode cache): fails on a missing video like decord."""
         if not Path(video).exists():
             raise RuntimeError(f"cannot decode {video}: No such file")
+        return Visual(torch.zeros(1, 1), 24, {"video_decode": 0.0, "preprocess": 0.0})
+
+    def answer(self, video, context, gen_kwargs, visual=None):
+        self.calls.append(video)
+        if visual is None:
+            self.decode(video)
         ttft = float(self.ttft())
         stats = {
             "frames": 32,
