@@ -51,6 +51,8 @@ X_LABELS = {
 PANEL_IN = (4.0, 3.0)  # width, height of one subplot in inches
 LEGEND_IN = 0.6  # height of one row of the legend strip under the panels
 LEGEND_PER_PANEL = 3  # legend entries that fit side by side under one panel's width
+LEGEND_ENTRY_IN = 0.6  # width of a legend entry's marker and padding in inches
+LEGEND_CHAR_IN = 0.075  # width of one legend character in inches (the RC font size)
 DPI = 100
 # Fixed colours per method so a method keeps its colour across figures and runs; unknown ones take the rest in order.
 COLOURS = {
@@ -70,17 +72,23 @@ RC = {
 }
 
 
-def legend_columns(n_entries: int, n_cols: int) -> int:
-    """Legend entries per row: as many as fit under ``n_cols`` panels, so no entry is cut off."""
-    return max(1, min(n_entries, LEGEND_PER_PANEL * n_cols))
+def legend_columns(n_entries: int, n_cols: int, longest: int = 0) -> int:
+    """Legend entries per row: as many as fit under ``n_cols`` panels, so no entry is cut off.
+
+    ``longest``: characters of the longest entry; labels with the nominal knobs (``prunevid (layer_avg 10–30 %)``)
+    take more room than a method name (about ``LEGEND_CHAR_IN`` per character plus the marker).
+    """
+    fit = math.floor(PANEL_IN[0] * n_cols / (LEGEND_ENTRY_IN + LEGEND_CHAR_IN * longest)) if longest else n_entries
+    return max(1, min(n_entries, LEGEND_PER_PANEL * n_cols, fit))
 
 
-def figure_size(n_rows: int, n_cols: int, dpi: int = DPI, n_legend: int = 0) -> tuple[int, int]:
+def figure_size(n_rows: int, n_cols: int, dpi: int = DPI, n_legend: int = 0, longest: int = 0) -> tuple[int, int]:
     """Pixel size ``(width, height)`` of a saved PNG with ``n_rows`` models × ``n_cols`` benchmarks.
 
-    ``n_legend`` legend entries wrap into as many rows as they need (one row when 0 or when they fit).
+    ``n_legend`` legend entries (the longest ``longest`` characters) wrap into as many rows as they need (one row when
+    0 or when they fit).
     """
-    legend_rows = math.ceil(n_legend / legend_columns(n_legend, n_cols)) if n_legend else 1
+    legend_rows = math.ceil(n_legend / legend_columns(n_legend, n_cols, longest)) if n_legend else 1
     width, height = PANEL_IN[0] * n_cols, PANEL_IN[1] * n_rows + LEGEND_IN * legend_rows
     return round(width * dpi), round(height * dpi)
 
@@ -192,7 +200,9 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "flops
     benchmarks = sorted(df.benchmark.astype(str).unique())
     colours = _colours(sorted(m for m in df.prune.astype(str).unique() if m != "none"))
     methods = set(df.prune.astype(str))
-    width, height = figure_size(len(models), len(benchmarks), DPI, n_legend=len(methods))
+    labels = df.legend.astype(str) if "legend" in df.columns else df.prune.astype(str)
+    longest = max(len(s) for s in labels)
+    width, height = figure_size(len(models), len(benchmarks), DPI, n_legend=len(methods), longest=longest)
     paths: list[Path] = []
     with plt.rc_context(RC):
         present = {m: label for m, label in OPTIONAL_METRICS.items() if m in df.columns and df[m].notna().any()}
@@ -219,7 +229,7 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path, stem: str, x: str = "flops
                 for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
                     handles.setdefault(name, handle)
             order = [*sorted(n for n in handles if n != "none"), *(["none"] if "none" in handles else [])]
-            ncols = legend_columns(len(order), len(benchmarks))
+            ncols = legend_columns(len(order), len(benchmarks), longest)
             fig.legend([handles[n] for n in order], order, loc="outside lower center", ncols=ncols)
             if metric == "ttft_speedup":
                 fig.text(

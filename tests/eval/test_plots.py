@@ -142,3 +142,13 @@ def test_x_is_the_achieved_budget_and_the_knob_is_only_in_the_legend(tmp_path):
     assert texts.count("achieved prefill FLOPs ratio vs none") == 2  # one x label per panel
     assert "prunevid (ratio 0.1–0.5)" in texts and "prunevid" not in texts
     assert not any("knob" in t for t in texts)
+
+
+def test_long_legend_entries_wrap_into_more_rows():
+    """Entries with their nominal settings (``prunevid (layer_avg 10–30 %)``) need more room than method names."""
+    from eval.plots import legend_columns
+
+    assert legend_columns(8, 1) == 3 and legend_columns(8, 1, longest=5) == 3
+    assert legend_columns(8, 1, longest=28) == 1 and legend_columns(8, 2, longest=28) == 2
+    assert figure_size(1, 1, n_legend=8, longest=28)[1] > figure_size(1, 1, n_legend=8, longest=5)[1]
+    assert figure_size(1, 2) == figure_size(1, 2, longest=28)  # no legend rows asked for: unchanged
