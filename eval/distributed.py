@@ -30,6 +30,7 @@ import platform
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,11 @@ def start(cuda: bool) -> Any:
     """The accelerate ``Accelerator`` of this rank (process group: NCCL on CUDA, gloo on the CPU), or None alone."""
     if not is_rank():
         return None
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
-    return Accelerator(cpu=not cuda)
+    # Ranks finish their shards at different times and wait for the slowest in lmms-eval's gathers: torch's default
+    # 30-minute collective timeout would kill a long, unbalanced cell (lmms-eval raises its own default to 24 h too).
+    return Accelerator(cpu=not cuda, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=24))])
 
 
 def _initialized() -> bool:

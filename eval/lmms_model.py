@@ -17,12 +17,14 @@ sample returns ``FAILED_ANSWER``, which no task parses as an option, and the har
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
@@ -114,6 +116,9 @@ class VidPruneLMM(lmms):
             from eval.config import compose_config, make_backbone
 
             extra = [o for o in str(overrides).split() if o]
+            local = os.environ.get("LOCAL_RANK")  # `accelerate launch lmms-eval ...`: one GPU per rank
+            if local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+                extra.append(f"device=cuda:{int(local)}")
             knob = [f"ratio={ratio}"] if ratio is not None else []
             if budget is not None:
                 knob += [f"budget={budget}", f"budget_measure={budget_measure}"]

@@ -235,14 +235,15 @@ def _cell_held(run_dir: Path, wait: float) -> Iterator[None]:
             raise SystemExit(1)
         yield
         return
+    held = contextlib.ExitStack()
     try:
-        with cell_lock(run_dir, wait):
-            distributed.broadcast(None)
-            yield
+        held.enter_context(cell_lock(run_dir, wait))
     except (CellLocked, StorageError) as err:
-        if distributed.is_rank():
-            distributed.broadcast(str(err))
+        distributed.broadcast(str(err))  # only this failure is told: a later error ends its rank, and the launch
         raise
+    with held:
+        distributed.broadcast(None)
+        yield
 
 
 @contextlib.contextmanager

@@ -277,3 +277,20 @@ def test_prefetched_visuals_come_in_order_and_a_bad_one_raises_at_its_turn():
         with pytest.raises(ValueError, match="cannot decode"):
             source.get(2)
         assert float(source.get(3).pixels) == 3.0
+
+
+def test_nproc_checks_the_lock_and_the_weights_before_any_rank_starts(probe_dir, tmp_path, monkeypatch):
+    from eval.backbones import BackboneUnavailable
+    from eval.records import CellLocked, cell_lock
+
+    results = tmp_path / "results"
+    cell = _cell(results, "fastv", "0.3")
+    cell.mkdir(parents=True)
+    started = []
+    monkeypatch.setattr(runner.distributed, "launch", lambda *a: started.append(a))
+    with cell_lock(cell), pytest.raises(CellLocked, match="another run is writing"):
+        run(_cfg(probe_dir, results, "prune=fastv", "ratio=0.3", "nproc=2"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(BackboneUnavailable, match="not on this machine"):
+        run(_cfg(probe_dir, results, "model=llava_ov", "prune=fastv", "ratio=0.3", "nproc=2"))
+    assert started == [] and not (results / ".cache" / "launch").exists()
