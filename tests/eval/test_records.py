@@ -121,3 +121,15 @@ def test_record_carries_the_four_measures_and_the_solved_budget():
         meta={"model": "m"}, samples=[{**samples[0], "stats": _stats(60, [60] * 4, 0.2)}], llm_shape={}, flops=[]
     )
     assert plain["budget_target"] is None and "budget_knobs" not in plain
+
+
+def test_a_budget_is_checked_against_the_measured_counts():
+    """FrameFusion-like: the solver set its knob by construction (achieved = target), the prefill's counts missed it."""
+    entry = {"knobs": [["ratio", 0.3]], "budget": 0.3, "measure": "layer_avg", "achieved": 0.3, "reachable": True}
+    on, off = _stats(100, [100, 10, 10, 0], 0.2), _stats(100, [100, 20, 10, 10], 0.2)  # layer averages 0.30, 0.35
+    on["budget"], off["budget"] = entry, entry
+    samples = [{"task": "a", "score": 1.0, "failed": False, "parse_ok": True, "stats": st} for st in (on, off)]
+    meta = {"model": "m", "ratio": None, "budget_target": 0.3, "budget_measure": "layer_avg"}
+    rec = build_record(meta=meta, samples=samples, llm_shape={}, flops=[])
+    assert rec["budget_achieved_pct"] == pytest.approx(32.5) and rec["budget_n_unreachable"] == 1
+    assert rec["budget_achieved_pct"] == pytest.approx(rec["layer_avg_retained_pct"])
