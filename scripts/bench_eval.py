@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="vidprune-bench-eval-") as tmp:
         data = Path(tmp) / "probe"
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench-eval] 5-cell sweep, {name}: {wall:.1f} s", flush=True)
     load_after = os.getloadavg()
     date = dt.datetime.now(dt.UTC)
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {
         "date": date.isoformat(timespec="seconds"),
         "machine": f"{cpu_name()} ({os.cpu_count()} cores), host {platform.node()}",
