@@ -4,7 +4,9 @@
 variables through). One run evaluates one cell, ``results/runs/<model>/<benchmark>/<prune>/<ratio>/``, and, unless
 ``paired_baseline=false``, first the ``none`` cell of the same model and benchmark on the same samples, so the
 table shows Δaccuracy and TTFT speed-up from one setup. Finished samples are never recomputed: both cells resume
-from their ``samples.jsonl``.
+from their ``samples.jsonl``. ``nproc=N`` runs the cell on N ranks (:mod:`eval.distributed`): each rank answers its
+shard of the documents, rank 0 holds the cells' locks and writes the records. Answers do not depend on the shard: no
+strategy keeps random state across samples (those that draw seed a private generator per call).
 """
 
 from __future__ import annotations
