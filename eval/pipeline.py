@@ -18,6 +18,7 @@ sample's turn comes; the model records it as that sample's failure and the run g
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -62,7 +63,8 @@ class VisualSource:
             hit = self.cache.load(key, self.timing_key)
             if hit is not None:
                 return hit
-        visual = self.backbone.decode(video)
+        # The raw sampled frames (a 1080p video's are ~200 MB at 32 frames) are only for pictures: not kept in flight.
+        visual = dataclasses.replace(self.backbone.decode(video), frames=None)
         if key is not None:
             self.cache.store(key, visual, self.timing_key)
         return visual
