@@ -75,7 +75,7 @@ BACKGROUND = (128, 128, 128)  # fixed plain grey: varying backgrounds made nothi
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230), "yellow": (240, 220, 20)}
 COLOUR_NAMES = tuple(COLOURS)
 COUNT_WORDS = ("one", "two", "three", "four")
-DIRECTIONS = ("left", "right", "up", "down")
+DIRECTIONS = ("left", "right")  # 2-way: a 4-way direction (up, down too) was not learned (docs/probe.md)
 OPTIONS = {
     "needle": COLOUR_NAMES,
     "order": COLOUR_NAMES,
@@ -83,7 +83,7 @@ OPTIONS = {
     "detail": COLOUR_NAMES,
     "motion": DIRECTIONS,
 }  # fixed per family: the letter names the answer itself (see the module docstring)
-CHANCE = dict.fromkeys(FAMILIES, 0.25)
+CHANCE = {family: 1 / len(options) for family, options in OPTIONS.items()}
 QUESTIONS = {
     "needle": "What colour was the flash?",
     "order": "Which colour came first?",
@@ -119,8 +119,8 @@ class ProbeSample:
 
     Attributes:
         family: one of :data:`FAMILIES`.
-        index: position within the family (the answer is ``OPTIONS[family][index % 4]``, letter ``LETTERS[index % 4]``).
-        options: the four option texts in letter order (:data:`OPTIONS` of the family).
+        index: position within the family (the answer is ``OPTIONS[family][index % len(OPTIONS[family])]``).
+        options: the option texts in letter order (:data:`OPTIONS` of the family: 4, or 2 for ``motion``).
         answer: the correct letter.
         boxes: everything drawn; a frame without a box is plain background.
         evidence_boxes: indices into ``boxes`` of what the answer depends on.
@@ -142,7 +142,7 @@ class ProbeSample:
         """The prompt text: question, lettered options and the post-prompt."""
         lines = [
             QUESTIONS[self.family],
-            *(f"{letter}. {opt}" for letter, opt in zip(LETTERS, self.options, strict=True)),
+            *(f"{letter}. {opt}" for letter, opt in zip(LETTERS, self.options, strict=False)),
         ]
         return "\n".join([*lines, POST_PROMPT])
 
@@ -159,7 +159,7 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
 
     Args:
         family: one of :data:`FAMILIES`.
-        index: position within the family; decides the answer (``OPTIONS[family][index % 4]``).
+        index: position within the family; decides the answer (``OPTIONS[family][index % len(OPTIONS[family])]``).
         rng: the generator's private random stream.
         num_frames: frames of the video (>= 2; ``count`` asks up to ``min(4, num_frames)`` flashes).
         size: frame side in pixels.
@@ -173,7 +173,10 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
         raise ValueError(f"probe videos need at least 2 frames, got {num_frames}")
     t = num_frames
     big = round(BIG * size / 384)
-    answer = index % len(LETTERS)  # the answer cycles through the fixed options, so every letter is right as often
+    # The answer cycles through the family's fixed options, so every letter is right as often; a clip of fewer than 4
+    # frames cannot show 3 or 4 flashes, so count then cycles through the counts it can show (the training curriculum
+    # starts at 2 frames; the evaluation videos have 8).
+    answer = index % (min(4, t) if family == "count" else len(OPTIONS[family]))
     if family == "needle":
         colour = COLOUR_NAMES[answer]
         span = 2 if t >= 4 and rng.random() < 0.5 else 1
@@ -189,7 +192,7 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
         boxes = (Box(i, x1, y1, big, first), Box(j, x2, y2, big, second))
         evidence = (0, 1)
     elif family == "count":
-        k = min(answer + 1, t)
+        k = answer + 1
         frames = sorted(rng.sample(range(t), k))
         colour = rng.choice(COLOUR_NAMES)
         x, y = _place(rng, big, size)
@@ -201,18 +204,13 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
         x, y = _place(rng, small, size)
         boxes = tuple(Box(f, x, y, small, colour) for f in range(t))
         evidence = tuple(range(t))
-    else:  # motion: a big square crosses the frame in one direction, linearly over the frames
-        direction = DIRECTIONS[answer]
+    else:  # motion: a big square crosses the frame left or right, linearly over the frames, at one height
         colour = rng.choice(COLOUR_NAMES)
         track = np.linspace(0, size - big, t).round().astype(int)
-        if direction in ("left", "up"):
+        if DIRECTIONS[answer] == "left":
             track = track[::-1]
-        other = rng.randrange(0, size - big + 1)
-        horizontal = direction in ("left", "right")
-        boxes = tuple(
-            Box(f, int(track[f]) if horizontal else other, other if horizontal else int(track[f]), big, colour)
-            for f in range(t)
-        )
+        y = rng.randrange(0, size - big + 1)
+        boxes = tuple(Box(f, int(track[f]), y, big, colour) for f in range(t))
         evidence = tuple(range(t))
     return ProbeSample(family, index, OPTIONS[family], LETTERS[answer], boxes, evidence, t, size)
 

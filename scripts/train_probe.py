@@ -19,6 +19,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.families.llava_onevision import qwen_prompt  # noqa: E402
-from eval.probe import FAMILIES, PROBE_VOCAB, ProbeTokenizer, model_vocab, render, sample_family  # noqa: E402
+from eval.probe import (  # noqa: E402
+    BACKGROUND,
+    COLOURS,
+    FAMILIES,
+    PROBE_VOCAB,
+    ProbeSample,
+    ProbeTokenizer,
+    model_vocab,
+    sample_family,
+)
 from prune.adapters.llava_onevision import answer_logits, tiny_llava_onevision  # noqa: E402
 
 EVAL_SEEDS = range(0, 1000)  # generator seeds reserved for evaluation; training streams are named apart anyway
@@ -51,20 +61,56 @@ def prompt_ids(tok: ProbeTokenizer, question: str) -> list[int]:
 
 
 def batch(rng: random.Random, step: int, size: int, frames: int, tok: ProbeTokenizer):
-    """``size`` fresh samples cycling through the families, with random letters."""
+    """``size`` fresh samples cycling through the families, with random answers.
+
+    Returns ``(pixels [U, 3, 384, 384], frame_index [B, T], prompts, targets [B])``: the batch's distinct frames
+    rendered straight to the model's pixels (:func:`sample_pixels`) and which one each video frame is (the empty
+    background is one frame however often it is shown).
+    """
     samples = [
         sample_family(FAMILIES[(step * size + i) % len(FAMILIES)], rng.randrange(1 << 30), rng, frames)
         for i in range(size)
     ]
-    pixels = torch.stack([pixels_of(render(s)) for s in samples])
+    pixels, frame_index = sample_pixels(samples)
     prompts = [prompt_ids(tok, s.question) for s in samples]
     targets = torch.tensor([tok.ids[s.answer] for s in samples])
-    return pixels, prompts, targets
+    return pixels, frame_index, prompts, targets
+
+
+def _normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
+    """``[3, 1, 1]``: one colour as ``preprocess_video`` normalises it (SigLIP mean 0.5, std 0.5)."""
+    return ((torch.tensor(rgb, dtype=torch.uint8).float() - 127.5) / 127.5)[:, None, None]
+
+
+def sample_pixels(samples: Sequence[ProbeSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The videos of ``samples`` as the model's pixels, drawn without PNG files or the image processor.
+
+    The same boxes as :func:`eval.probe.render`, painted in normalised colours: at the probe's 384 px the processor's
+    resize is the identity and its normalisation is per pixel, so this equals ``preprocess_video(render(sample))``
+    exactly (tests/eval/test_probe.py checks it against the eval path: PNG frames, ``load_frames``, the backbone's
+    preprocessing, and HF's video processor). Frames with the same boxes are drawn once.
+
+    Returns:
+        ``([U, 3, S, S] float32, [B, T] long)``: the distinct frames and which one each video frame is.
+    """
+    distinct: dict[tuple, int] = {}
+    index = torch.empty(len(samples), samples[0].num_frames, dtype=torch.long)
+    for i, s in enumerate(samples):
+        by_frame: dict[int, list] = {}
+        for b in s.boxes:
+            by_frame.setdefault(b.frame, []).append((b.x, b.y, b.side, b.colour))
+        for f in range(s.num_frames):
+            index[i, f] = distinct.setdefault((s.size, tuple(by_frame.get(f, ()))), len(distinct))
+    pixels = torch.empty(len(distinct), 3, samples[0].size, samples[0].size)
+    pixels[:] = _normalised(BACKGROUND)
+    for (_, boxes), u in distinct.items():
+        for x, y, side, colour in boxes:  # painted in drawing order, as render does
+            pixels[u, :, y : y + side, x : x + side] = _normalised(COLOURS[colour])
+    return pixels, index
 
 
 def pixels_of(video) -> torch.Tensor:
-    """``[T, 3, 384, 384]``: ``preprocess_video`` of 384-px frames without its resize, which is then the identity
-    (tests/eval/test_probe.py checks the two are equal), so training skips ~0.3 s of bicubic per batch."""
+    """``[T, 3, 384, 384]``: ``preprocess_video`` of 384-px uint8 frames (its resize is then the identity)."""
     return (torch.from_numpy(video).permute(0, 3, 1, 2).float() - 127.5) / 127.5
 
 
@@ -92,8 +138,8 @@ def train(args: argparse.Namespace) -> Path:
         for _ in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.warmup, args.lr)
-            pixels, prompts, targets = batch(rng, step, args.batch, frames, tok)
-            logits = answer_logits(model, pixels, prompts)
+            pixels, frame_index, prompts, targets = batch(rng, step, args.batch, frames, tok)
+            logits = answer_logits(model, pixels, prompts, frame_index)
             loss = torch.nn.functional.cross_entropy(logits, targets)
             opt.zero_grad()
             loss.backward()

@@ -336,7 +336,7 @@ class LlavaOnevisionAdapter:
         return gen
 
 
-def answer_logits(model, pixels: Tensor, prompts: Sequence[Sequence[int]]) -> Tensor:
+def answer_logits(model, pixels: Tensor, prompts: Sequence[Sequence[int]], frame_index: Tensor | None = None) -> Tensor:
     """Batched, differentiable ``none`` forward: logits of the token after each prompt (for training the probe).
 
     The same computation as :class:`LlavaOnevisionAdapter` with ``prune=none`` (the
@@ -346,19 +346,26 @@ def answer_logits(model, pixels: Tensor, prompts: Sequence[Sequence[int]]) -> Te
 
     Args:
         model: a ``LlavaOnevisionForConditionalGeneration`` (the probe model, ``eval/probe.py``).
-        pixels: ``[B, T, 3, 384, 384]`` preprocessed frames.
+        pixels: ``[B, T, 3, 384, 384]`` preprocessed frames, or with ``frame_index`` ``[U, 3, 384, 384]`` distinct
+            frames.
         prompts: ``B`` id lists, each with one ``<video>`` id.
+        frame_index: ``[B, T]`` long, which of the ``U`` frames each video frame is. The vision tower sees one frame
+            at a time, so a frame shown many times (the probe's empty background) is encoded once and its features
+            (and gradients) shared; ``None``: every frame is its own.
 
     Returns:
         ``[B, V]`` logits at each prompt's last position.
     """
     cfg, m = model.config, model.model
-    b, t = pixels.shape[:2]
-    out = m.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
+    frames = pixels if frame_index is not None else pixels.flatten(0, 1)
+    b, t = frame_index.shape if frame_index is not None else pixels.shape[:2]
+    out = m.vision_tower(frames, output_hidden_states=True)
     feats = out.hidden_states[cfg.vision_feature_layer]
     if cfg.vision_feature_select_strategy == "default":
         feats = feats[:, 1:]
-    feats = m.apply_pooling(m.multi_modal_projector(feats))  # [B*T, 196, D]
+    feats = m.apply_pooling(m.multi_modal_projector(feats))  # [B*T or U, 196, D]
+    if frame_index is not None:
+        feats = feats[frame_index.flatten()]
     visual = torch.cat([feats.reshape(b, -1, feats.shape[-1]), m.image_newline.expand(b, 1, -1)], dim=1)
     embed = model.get_input_embeddings()
     rows, last = [], []
