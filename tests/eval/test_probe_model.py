@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from eval.probe import FAMILIES, ProbeTokenizer, generate, model_vocab, render
+from eval.probe import CHANCE, FAMILIES, LETTERS, OPTIONS, ProbeTokenizer, generate, model_vocab, render
 from eval.runner import compose_config, make_backbone
 from prune.adapters.llava_onevision import LlavaOnevisionAdapter, answer_logits, tiny_llava_onevision
 from prune.strategies.none import NoPruning
@@ -67,26 +67,26 @@ def test_checkpoint_matches_its_sha256():
     assert (CKPT / "model.safetensors").stat().st_size <= 2 * 1024 * 1024
 
 
-def test_none_answers_the_families_it_learned(samples, none_predictions):
-    """What the committed model does (docs/probe.md): needle, order and detail well above chance, count and motion not
-    learned in the training budget. The issue's target (>= 90 % on every family) is not met; this guards the level
-    reached, so a broken pipeline shows up as a drop."""
+def test_none_reaches_the_target(samples, none_predictions):
+    """The issue's target on this subset: >= 90 % overall and at most one miss per family (8 samples: 87.5 %)."""
     accuracy = {f: _accuracy(samples, none_predictions, f) for f in FAMILIES}
-    assert all(accuracy[f] >= 0.5 for f in ("needle", "order", "detail")), accuracy
-    assert _accuracy(samples, none_predictions) >= 0.45, accuracy
+    assert all(a >= 7 / 8 for a in accuracy.values()), accuracy
+    assert _accuracy(samples, none_predictions) >= 0.9, accuracy
 
 
 def test_blind_control_is_near_chance(samples):
     predictions = _predict(_backbone("random", 0.0005), samples)  # one visual token of 1,568
-    assert abs(_accuracy(samples, predictions) - 0.25) <= 0.15
+    for f in FAMILIES:  # within 10 points of chance, up to the one-sample granularity of 8 samples (12.5 points)
+        assert abs(_accuracy(samples, predictions, f) - CHANCE[f]) <= 0.125, (f, predictions)
 
 
 def test_reversed_frames_lose_order(samples, none_predictions):
+    """Reversed frames make the second colour come first: a model that reads order names it instead."""
     order = [s for s in samples if s.family == "order"]
     reversed_predictions = _predict(_backbone(), order, frames=lambda video: video[::-1].copy())
-    # The committed model learned order only partly (70 % on the evaluation seed), so the margin is small: reversed
-    # frames cost it at least 10 points here; a model that learned order would name the second colour (docs/probe.md).
-    assert _accuracy(order, reversed_predictions) <= _accuracy(samples, none_predictions, "order") - 0.1
+    second = [LETTERS[OPTIONS["order"].index(s.boxes[1].colour)] for s in order]
+    assert _accuracy(order, reversed_predictions) <= 0.25, reversed_predictions
+    assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 6, (reversed_predictions, second)
 
 
 def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> int:
@@ -106,11 +106,6 @@ def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> i
     return int(model.lm_head(hidden[0, -1]).argmax())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the committed model answers order as well with renumbered positions (5 of 8 both ways): it did not learn "
-    "to use positions in its training budget (docs/probe.md); a retrained model that does makes this pass",
-)
 def test_renumbered_positions_after_a_drop_lose_order(samples):
     backbone = _backbone()
     tok = backbone.tokenizer
@@ -131,11 +126,29 @@ def test_renumbered_positions_after_a_drop_lose_order(samples):
     assert hits[True] < hits[False], hits
 
 
-@pytest.mark.parametrize("prune", ["fastv", "random", "pool"])
+STRATEGIES = sorted(p.stem for p in (ROOT / "configs" / "prune").glob("*.yaml") if p.stem != "none")
+# Strategies whose ratio 1.0 is not a keep-everything setting, by their official design (docs/probe.md).
+NOT_IDENTITY_AT_ONE = {
+    "prunevid": "ratio is alpha, stage 2's per-group keep fraction; stage 1 (static merging at tau, DPC-KNN "
+    "clustering at cluster_ratio, clusters in centre-score order) runs at every alpha, as in the official code",
+}
+
+
+@pytest.mark.parametrize("prune", STRATEGIES)
 def test_ratio_one_gives_the_none_predictions(samples, none_predictions, prune):
-    """Methods whose ratio 1.0 keeps every token answer exactly as none (2 samples per family, for time)."""
-    few = [i for i, s in enumerate(samples) if s.index < 2]
-    assert _predict(_backbone(prune, 1.0), [samples[i] for i in few]) == [none_predictions[i] for i in few]
+    """ratio 1.0 of every strategy answers exactly as none (its first sample of each family, for time)."""
+    few = [i for i, s in enumerate(samples) if s.index == 0]
+    backbone = _backbone(prune, 1.0)
+    if prune in NOT_IDENTITY_AT_ONE:
+        # What holds instead: the in-LLM stage keeps every token that entered the LLM, while the pre-LLM stage
+        # still merges the probe's static background.
+        gen = backbone.adapter.generate(
+            backbone.prompt_ids(samples[0].question), backbone.preprocess(render(samples[0])), max_new_tokens=1
+        )
+        assert gen.visual_pre_llm < gen.visual_in
+        assert set(gen.llm.visual_per_layer) == {gen.visual_pre_llm}
+        return
+    assert _predict(backbone, [samples[i] for i in few]) == [none_predictions[i] for i in few]
 
 
 def test_training_forward_equals_the_adapter_none_path():
