@@ -442,10 +442,6 @@ class HieraVid:
         t, p, d = tokens.shape
         n_in = t * p
         device = tokens.device
-        if self.ratio >= 1.0:
-            # Every token at every layer is the whole budget: nothing to fit, so no static merging either (it is a
-            # budget device of this reconstruction, not a lossless step), and ratio 1.0 is exactly ``none``.
-            return PreLLMOutput(tokens=tokens.reshape(n_in, d), assignment=torch.arange(n_in, device=device))
         x = tokens.float()  # fp32 internals; a view when already fp32, never written to
 
         # Level 1a: DySeg segments (B.1.1-3)
