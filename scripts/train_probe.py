@@ -211,7 +211,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="tests/fixtures/probe_llava_ov")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phases", default="2:200,4:100,8:50", help="frames:steps per curriculum phase")
+    p.add_argument("--phases", default="2:300,4:200,8:200", help="frames:steps per curriculum phase")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
