@@ -8,9 +8,10 @@ object crossing the frame: what frame dropping and temporal merging destroy).
 
 Every video is ``num_frames`` frames of ``size x size`` pixels on a fixed plain grey background, stored losslessly as
 a folder of PNG frames, so the backbone samples each frame exactly once (``load_frames`` reads frame folders) and no
-codec blurs a small object. A family is one 4-option multiple-choice task ``probe_<family>`` whose options are the
-same four words in the same order in every sample (:data:`OPTIONS`), so a letter names an answer; the answer cycles
-through the four over a family's samples, so every letter is right equally often and any letter prior scores 25 %.
+codec blurs a small object. A family is one multiple-choice task ``probe_<family>`` whose options are the same four
+words (``motion``: two) in the same order in every sample (:data:`OPTIONS`), so a letter names an answer; the answer
+cycles through the options over a family's samples, so every letter is right equally often and any letter prior
+scores chance (25 %, motion 50 %).
 Fixed options are a deliberate choice for a probe model trained from scratch in minutes: with shuffled options the
 model must also learn to look an answer word up among the options (a text skill no pruning method touches), and in
 our CPU budget it did not get past the letter prior (docs/probe.md); with fixed options all it must learn is the
@@ -23,11 +24,12 @@ needle    one big square in one frame (or a 2-frame span), else empty   its colo
 order     two big squares of different colours in different frames      which colour came first (4)  1/4
 count     one big square visible in 1-4 of the frames                   how many flashes (one-four)  1/4
 detail    one small square at one place in every frame                  its colour (4 colours)       1/4
-motion    one big square crossing the frame left, right, up or down     direction (4)                1/4
+motion    one big square crossing the whole frame left or right         direction (2)                1/2
 ========  ============================================================  ===========================  ======
 
 ``chance`` is one over the options a video-blind model cannot rule out from the question: answers are uniform, so
-the blind control (``prune=random ratio=0.0005``: one visual token) should score 25 % on every family.
+the blind control (``prune=random ratio=0.0005``: one visual token) should score chance on every family. ``motion``
+is 2-way, as the issue allows: with up and down too it stayed at chance in the first trained model.
 
 **Evidence.** Each sample records the frames and the cells of the pooled ``grid x grid`` token grid (the
 backbone's 14x14 after pooling for LLaVA-OneVision) whose pixels overlap what the answer depends on, as
