@@ -53,6 +53,7 @@ __all__ = [
     "Strategy",
     "TokenBudget",
     "VideoTokens",
+    "check_range",
     "check_ratio",
     "check_video",
     "decode_spec",
@@ -85,6 +86,27 @@ def check_ratio(ratio: float, name: str = "ratio") -> float:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {ratio!r}")
     return float(ratio)
+
+
+def check_range(name: str, value: object, low: float, high: float) -> float:
+    """Validate a strategy's numeric setting (a threshold, a weight) against its closed range.
+
+    Args:
+        name: parameter name used in the error message.
+        value: the setting.
+        low: smallest accepted value.
+        high: largest accepted value.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        ValueError: if ``value`` is not a finite number in ``[low, high]`` (a bool is not a number here).
+    """
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return float(value)
 
 
 def check_video(frames: Tensor, name: str = "frames") -> None:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.api import LayerInput, LayerMerge, LayerSpec, PreLLMOutput, VideoTokens, check_ratio
+from prune.api import LayerInput, LayerMerge, LayerSpec, PreLLMOutput, VideoTokens, check_range, check_ratio
 
 __all__ = ["FrameFusion", "merge_runs", "patch_similarity", "pruning_ratio"]
 
@@ -147,10 +147,7 @@ class FrameFusion:
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
         for key, low, high in (("similarity_lower_bound", -1.0, 1.0), ("ratio_lower_bound", 0.0, 1.0)):
-            value = getattr(self, key)
-            ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-            if not ok or not low <= value <= high:
-                raise ValueError(f"{key} must be a finite number in [{low}, {high}], got {value!r}")
+            check_range(key, getattr(self, key), low, high)
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 2:
             raise ValueError(f"num_layers must be an int >= 2, got {self.num_layers!r}")
 

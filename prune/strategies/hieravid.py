@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.api import LayerInput, LayerSpec, PreLLMOutput, VideoTokens, check_ratio, keep_count
+from prune.api import LayerInput, LayerSpec, PreLLMOutput, VideoTokens, check_range, check_ratio, keep_count
 from prune.strategies.fastvid import dyseg
 
 __all__ = ["HieraVid", "greedy_map", "segment_frames", "split_budget", "static_positions"]
@@ -259,9 +259,9 @@ class HieraVid:
         check_ratio(self.ratio)
         _check_int("num_segments", self.num_segments, 1)
         _check_int("num_layers", self.num_layers, 1)
-        _check_range("tau_seg", self.tau_seg, -1.0, 1.0)
-        _check_range("tau_static", self.tau_static, -1.0, 1.0)
-        _check_range("segment_beta", self.segment_beta, 0.0, 1.0)
+        check_range("tau_seg", self.tau_seg, -1.0, 1.0)
+        check_range("tau_static", self.tau_static, -1.0, 1.0)
+        check_range("segment_beta", self.segment_beta, 0.0, 1.0)
         check_ratio(self.stage_keep, "stage_keep")
         if self.quality not in ("uniform", "text"):
             raise ValueError(f"quality must be 'uniform' or 'text', got {self.quality!r}")
@@ -556,9 +556,3 @@ class HieraVid:
 def _check_int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def _check_range(name: str, value: object, low: float, high: float) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or not low <= value <= high:
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")

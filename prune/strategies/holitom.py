@@ -80,7 +80,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.api import LayerInput, LayerMerge, LayerSpec, PreLLMOutput, VideoTokens, check_ratio, require_vision
+from prune.api import (
+    LayerInput,
+    LayerMerge,
+    LayerSpec,
+    PreLLMOutput,
+    VideoTokens,
+    check_range,
+    check_ratio,
+    require_vision,
+)
 
 __all__ = ["HoliTom", "dpc_knn_centres", "merge_weights", "static_windows", "window_reduction"]
 
@@ -221,10 +230,7 @@ class HoliTom:
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
         for key, low, high in (("tau", -1.0, 1.0), ("beta", 0.0, 1.0)):
-            value = getattr(self, key)
-            ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-            if not ok or not low <= value <= high:
-                raise ValueError(f"{key} must be a finite number in [{low}, {high}], got {value!r}")
+            check_range(key, getattr(self, key), low, high)
         r = self.merge_ratio
         if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or not 0.0 <= r < 1.0:
             raise ValueError(f"merge_ratio must be a number in [0, 1), got {r!r}")

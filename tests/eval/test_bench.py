@@ -38,13 +38,19 @@ def test_bench_reports_every_method_against_none(tmp_path):
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().startswith("<!-- generated")
 
 
-def test_bench_includes_the_video_native_methods(tmp_path):
-    methods = "visionzip,vidcom2,fastvid,dycoke"
+def _tiny_rows(tmp_path, methods: str) -> dict:
+    """``make bench --preset tiny --methods <methods>``: its rows by method (``none`` always among them)."""
     argv = ["--preset", "tiny", "--repeats", "1", "--methods", methods, "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     (path,) = tmp_path.glob("cpu-tiny-*.json")
     rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"none", *methods.split(",")}
+    return rows
+
+
+def test_bench_includes_the_video_native_methods(tmp_path):
+    methods = "visionzip,vidcom2,fastvid,dycoke"
+    rows = _tiny_rows(tmp_path, methods)
     for name in methods.split(","):
         r = rows[name]
         assert r["flops_ratio"] < 1 and r["ttft_ms"] > 0, name  # all four shorten the prefill at 0.3
@@ -53,11 +59,7 @@ def test_bench_includes_the_video_native_methods(tmp_path):
 
 def test_bench_includes_the_in_llm_merging_methods(tmp_path):
     methods = "pdrop,framefusion,holitom"
-    argv = ["--preset", "tiny", "--repeats", "1", "--methods", methods, "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
-    (path,) = tmp_path.glob("cpu-tiny-*.json")
-    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {"none", *methods.split(",")}
+    rows = _tiny_rows(tmp_path, methods)
     for name in methods.split(","):
         assert rows[name]["flops_ratio"] < 1 and rows[name]["ttft_ms"] > 0, name
     # HoliTom: its own count enters the LLM, the inner merge halves it from layer 3 (tiny_llava_ov_holitom.yaml)
