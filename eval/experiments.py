@@ -24,7 +24,15 @@ from omegaconf import OmegaConf
 
 from eval.records import knob_folder, write_atomic
 
-__all__ = ["Cell", "Experiment", "build_table", "load_experiment", "split_overrides", "sweep_commands"]
+__all__ = [
+    "Cell",
+    "Experiment",
+    "accuracy_interval",
+    "build_table",
+    "load_experiment",
+    "split_overrides",
+    "sweep_commands",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiment"
@@ -540,6 +548,16 @@ def _knob_range(rows: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
+def accuracy_interval(accuracy: float, delta: float, low: float, high: float) -> tuple[float, float]:
+    """The paired Δ interval ``[low, high]`` (pruned − ``none``, points) shifted onto the pruned cell's accuracy.
+
+    ``none``'s accuracy is ``accuracy - delta``; the bounds are cut to [0, 100], where an accuracy lies (a wide
+    bootstrap interval on few samples would otherwise draw bars above 100 %).
+    """
+    base = accuracy - delta
+    return max(0.0, base + low), min(100.0, base + high)
+
+
 def _plots(exp: Experiment, frame: pd.DataFrame, out: Path, x: str | None = None) -> list[Path]:
     """Accuracy and speed-up against the achieved budget (``x``, default the experiment's ``plot_measure``)."""
     from eval.plots import plot_sweep
@@ -564,8 +582,9 @@ def _plots(exp: Experiment, frame: pd.DataFrame, out: Path, x: str | None = None
             entry["ttft_ci_high"] = row.get(f"{bench}_ttft_ci_high")
             low = row.get(f"{bench}_ci_low")
             if row.prune != "none" and low is not None and not pd.isna(low):  # CI of Δ, shifted to accuracy units
-                base = acc - row[f"{bench}_delta"]
-                entry["ci_low"], entry["ci_high"] = base + low, base + row[f"{bench}_ci_high"]
+                entry["ci_low"], entry["ci_high"] = accuracy_interval(
+                    acc, row[f"{bench}_delta"], low, row[f"{bench}_ci_high"]
+                )
             else:
                 entry["ci_low"] = entry["ci_high"] = acc
             rows.append(entry)

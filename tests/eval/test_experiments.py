@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eval.experiments import EXPERIMENTS, Cell, build_table, load_experiment, sweep_commands
+from eval.experiments import EXPERIMENTS, Cell, accuracy_interval, build_table, load_experiment, sweep_commands
 from eval.runner import REPO, budget_of, compose_config, make_strategy, run_cell
 from prune.budget import MEASURES, check_solvable
 
@@ -213,3 +213,10 @@ def test_sweep_takes_results_dir_like_make_eval(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sweep]")]
     assert len(lines) == 2 and "prune=none" not in "".join(lines)  # the none cell counts as done under tmp_path
     assert all(line.count("results_dir=") == 1 and f"results_dir={tmp_path}" in line for line in lines)
+
+
+def test_accuracy_bars_are_the_paired_interval_on_the_cell_and_stay_within_0_and_100():
+    # pruned 90 %, none 95 % (Δ −5), Δ interval [−12, +8]: bars from 83 to 103, cut at 100
+    assert accuracy_interval(90.0, -5.0, -12.0, 8.0) == (83.0, 100.0)
+    assert accuracy_interval(10.0, 5.0, -9.0, 2.0) == (0.0, 7.0)  # none 5 %: 5 − 9 < 0 is cut at 0
+    assert accuracy_interval(60.0, 0.0, -3.0, 4.0) == (57.0, 64.0)  # inside the range: untouched
