@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.api import LayerInput, LayerSpec, PreLLMOutput, VideoTokens, check_ratio, require_vision
+from prune.api import LayerInput, LayerSpec, PreLLMOutput, VideoTokens, check_range, check_ratio, require_vision
 
 __all__ = ["FastVID", "anchor_counts", "density_scores", "dyseg", "merge_into_anchors"]
 
@@ -194,10 +194,7 @@ class FastVID:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
         for key, low, high in (("tau", -1.0, 1.0), ("d", 0.0, 1.0), ("beta", 0.0, 1.0)):
-            value = getattr(self, key)
-            ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-            if not ok or not low <= value <= high:
-                raise ValueError(f"{key} must be a number in [{low}, {high}], got {value!r}")
+            check_range(key, getattr(self, key), low, high)
 
     @property
     def layer_specs(self) -> tuple[LayerSpec, ...]:

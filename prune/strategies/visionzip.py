@@ -49,7 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prune.api import LayerInput, LayerSpec, PreLLMOutput, VideoTokens, check_ratio, keep_count, require_vision
+from prune.api import (
+    LayerInput,
+    LayerSpec,
+    PreLLMOutput,
+    VideoTokens,
+    check_range,
+    check_ratio,
+    keep_count,
+    require_vision,
+)
 
 __all__ = ["VisionZip", "contextual_merge"]
 
@@ -103,9 +112,7 @@ class VisionZip:
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        ok = not isinstance(self.dominant_ratio, bool) and isinstance(self.dominant_ratio, int | float)
-        if not ok or not 0.0 <= self.dominant_ratio <= 1.0:
-            raise ValueError(f"dominant_ratio must be a number in [0, 1], got {self.dominant_ratio!r}")
+        check_range("dominant_ratio", self.dominant_ratio, 0.0, 1.0)
 
     @property
     def layer_specs(self) -> tuple[LayerSpec, ...]:
