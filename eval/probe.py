@@ -4,7 +4,7 @@ Published designs this follows (``../shared/reference/probe.md``): VideoNIAH / V
 unrelated "needles" into haystack videos and generates the question by rule, so where the answer lives is known;
 its retrieval, ordering and counting tasks are the ``needle``, ``order`` and ``count`` families here. We add
 ``detail`` (a small object present in every frame: what spatial pooling or merging destroys) and ``motion`` (an
-object crossing the frame: what frame dropping and temporal merging destroy).
+object crossing the frame top to bottom or bottom to top: what frame dropping and temporal merging destroy).
 
 Every video is ``num_frames`` frames of ``size x size`` pixels on a fixed plain grey background, stored losslessly as
 a folder of PNG frames, so the backbone samples each frame exactly once (``load_frames`` reads frame folders) and no
@@ -22,9 +22,9 @@ family    video                                                         question
 ========  ============================================================  ===========================  ======
 needle    one big square in one frame (or a 2-frame span), else empty   its colour (4 colours)       1/4
 order     two big squares of different colours in different frames      which colour came first (4)  1/4
-count     one big square visible in 1-4 of the frames                   how many flashes (one-four)  1/4
+count     one large square (192 px) visible in 1-4 of the frames     how many flashes (one-four)  1/4
 detail    one small square at one place in every frame                  its colour (4 colours)       1/4
-motion    one big square crossing the whole frame left or right         direction (2)                1/2
+motion    one big square crossing the whole frame up or down            direction (2)                1/2
 ========  ============================================================  ===========================  ======
 
 ``chance`` is one over the options a video-blind model cannot rule out from the question: answers are uniform, so
@@ -77,7 +77,9 @@ BACKGROUND = (128, 128, 128)  # fixed plain grey: varying backgrounds made nothi
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230), "yellow": (240, 220, 20)}
 COLOUR_NAMES = tuple(COLOURS)
 COUNT_WORDS = ("one", "two", "three", "four")
-DIRECTIONS = ("left", "right")  # 2-way: a 4-way direction (up, down too) was not learned (docs/probe.md)
+# 2-way and vertical: the LLM reads a frame in raster order, so a square one row lower sits 14 positions later, one
+# column to the right only 1 later; up/down was learned in 100 steps where left/right stayed at chance (docs/probe.md).
+DIRECTIONS = ("up", "down")
 OPTIONS = {
     "needle": COLOUR_NAMES,
     "order": COLOUR_NAMES,
@@ -95,6 +97,9 @@ QUESTIONS = {
 }
 POST_PROMPT = "Answer with the option's letter."
 BIG, SMALL = 112, 36  # square sides in pixels at size 384: ~4x4 and ~1.3x1.3 cells of the 14x14 grid
+# count's flashes cover ~7x7 cells (a quarter of the frame): the model counts by how much of the clip is coloured, and
+# at 112 px one flash moved that by ~1 % of the tokens, too little to learn next to four other families (docs/probe.md)
+FLASH = 192
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,9 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
         k = answer + 1
         frames = sorted(rng.sample(range(t), k))
         colour = rng.choice(COLOUR_NAMES)
-        x, y = _place(rng, big, size)
-        boxes = tuple(Box(f, x, y, big, colour) for f in frames)
+        flash = round(FLASH * size / 384)
+        x, y = _place(rng, flash, size)
+        boxes = tuple(Box(f, x, y, flash, colour) for f in frames)
         evidence = tuple(range(k))
     elif family == "detail":
         colour = COLOUR_NAMES[answer]
@@ -206,13 +212,13 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
         x, y = _place(rng, small, size)
         boxes = tuple(Box(f, x, y, small, colour) for f in range(t))
         evidence = tuple(range(t))
-    else:  # motion: a big square crosses the frame left or right, linearly over the frames, at one height
+    else:  # motion: a big square crosses the frame up or down, linearly over the frames, in one column
         colour = rng.choice(COLOUR_NAMES)
         track = np.linspace(0, size - big, t).round().astype(int)
-        if DIRECTIONS[answer] == "left":
+        if DIRECTIONS[answer] == "up":
             track = track[::-1]
-        y = rng.randrange(0, size - big + 1)
-        boxes = tuple(Box(f, int(track[f]), y, big, colour) for f in range(t))
+        x = rng.randrange(0, size - big + 1)
+        boxes = tuple(Box(f, x, int(track[f]), big, colour) for f in range(t))
         evidence = tuple(range(t))
     return ProbeSample(family, index, OPTIONS[family], LETTERS[answer], boxes, evidence, t, size)
 

@@ -40,6 +40,10 @@ from eval.probe import (  # noqa: E402
 )
 from prune.adapters.llava_onevision import answer_logits, tiny_llava_onevision  # noqa: E402
 
+PHASES = "2:300,4:400,8:250"  # frames:steps of the curriculum (docs/probe.md)
+MIX = "needle:1,detail:1,order:2,count:2,motion:2"  # family:weight of a batch's samples, in turn
+COUNT_FRAMES = 2  # count is trained on clips of at least this many frames (docs/probe.md)
+ROPE_THETA = 1e4  # the Qwen2 RoPE base of the probe model (Qwen2-7B: 1e6; docs/probe.md)
 EVAL_SEEDS = range(0, 1000)  # generator seeds reserved for evaluation; training streams are named apart anyway
 
 
@@ -54,22 +58,33 @@ def parse_phases(text: str) -> list[tuple[int, int]]:
     return phases  # type: ignore[return-value]
 
 
+def parse_mix(text: str) -> list[str]:
+    """``"needle:1,order:2"`` -> ``["needle", "order", "order"]``: the families of a batch's samples, in turn."""
+    try:
+        pairs = [(name, int(weight)) for name, weight in (part.split(":") for part in text.split(","))]
+    except ValueError as err:
+        raise SystemExit(f"--mix must look like needle:1,order:2 (family:weight,...), got {text!r}") from err
+    unknown = sorted({name for name, _ in pairs} - set(FAMILIES))
+    if unknown or any(w < 1 for _, w in pairs) or {name for name, _ in pairs} != set(FAMILIES):
+        raise SystemExit(f"--mix needs every family of {FAMILIES} once with an integer weight >= 1, got {text!r}")
+    return [name for name, weight in pairs for _ in range(weight)]
+
+
 def prompt_ids(tok: ProbeTokenizer, question: str) -> list[int]:
     """The backbone's own Qwen chat prompt (``qwen_prompt``) around ``question``, as the eval builds it."""
     backbone = SimpleNamespace(tokenizer=tok, adapter=SimpleNamespace(placeholder_id=tok.ids["<video>"]))
     return qwen_prompt(backbone, question)[0][0].tolist()
 
 
-def batch(rng: random.Random, step: int, size: int, frames: int, tok: ProbeTokenizer):
-    """``size`` fresh samples cycling through the families, with random answers.
+def batch(rng: random.Random, step: int, size: int, frames: int, tok: ProbeTokenizer, mix: Sequence[str] = FAMILIES):
+    """``size`` fresh samples cycling through ``mix`` (:func:`parse_mix`), with random answers.
 
     Returns ``(pixels [U, 3, 384, 384], frame_index [B, T], prompts, targets [B])``: the batch's distinct frames
     rendered straight to the model's pixels (:func:`sample_pixels`) and which one each video frame is (the empty
     background is one frame however often it is shown).
     """
     samples = [
-        sample_family(FAMILIES[(step * size + i) % len(FAMILIES)], rng.randrange(1 << 30), rng, frames)
-        for i in range(size)
+        sample_family(mix[(step * size + i) % len(mix)], rng.randrange(1 << 30), rng, frames) for i in range(size)
     ]
     pixels, frame_index = sample_pixels(samples)
     prompts = [prompt_ids(tok, s.question) for s in samples]
@@ -126,7 +141,10 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     phases = parse_phases(args.phases)
     total = sum(s for _, s in phases)
-    model = tiny_llava_onevision(seed=args.seed, llm_layers=args.layers, **model_vocab()).train()
+    mix = parse_mix(args.mix)
+    model = tiny_llava_onevision(
+        seed=args.seed, llm_layers=args.layers, rope_theta=args.rope_theta, **model_vocab()
+    ).train()
     tok = ProbeTokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rng = random.Random(f"vidprune-probe-train/{args.seed}")
@@ -138,7 +156,8 @@ def train(args: argparse.Namespace) -> Path:
         for _ in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.warmup, args.lr)
-            pixels, frame_index, prompts, targets = batch(rng, step, args.batch, frames, tok)
+            phase_mix = [f for f in mix if f != "count" or frames >= args.count_frames] or mix
+            pixels, frame_index, prompts, targets = batch(rng, step, args.batch, frames, tok, phase_mix)
             logits = answer_logits(model, pixels, prompts, frame_index)
             loss = torch.nn.functional.cross_entropy(logits, targets)
             opt.zero_grad()
@@ -211,7 +230,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="tests/fixtures/probe_llava_ov")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phases", default="2:300,4:200,8:200", help="frames:steps per curriculum phase")
+    p.add_argument("--phases", default=PHASES, help="frames:steps per curriculum phase")
+    p.add_argument("--mix", default=MIX, help="family:weight of a batch's samples, taken in turn")
+    p.add_argument(
+        "--count-frames", type=int, default=COUNT_FRAMES, help="count is trained on clips this long or longer"
+    )
+    p.add_argument("--rope-theta", type=float, default=ROPE_THETA, help="the Qwen2 RoPE base (1e6 in Qwen2-7B)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)

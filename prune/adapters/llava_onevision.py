@@ -389,12 +389,15 @@ def tiny_config(
     llm_layers: int = 4,
     image_token_id: int = IMAGE_TOKEN_ID,
     video_token_id: int = VIDEO_TOKEN_ID,
+    rope_theta: float = 1_000_000.0,
 ):
     """A randomly initialisable LLaVA-OneVision config with the real geometry and tiny widths.
 
     SigLIP at 384 px with 14 px patches (27x27 patches → 14x14 or 13x13 after pooling), a Qwen2 with GQA (4 query /
-    2 key-value heads), by default the real ``<image>``/``<video>`` ids and the real vocabulary size, so real Qwen
-    chat ids work. The trained probe model (``eval/probe.py``) passes its small word vocabulary and its ids.
+    2 key-value heads), by default the real ``<image>``/``<video>`` ids, vocabulary size and RoPE base (Qwen2-7B's
+    1e6), so real Qwen chat ids work. The trained probe model (``scripts/train_probe.py``) passes its small word
+    vocabulary, its ids and a RoPE base of 1e4 (docs/probe.md: with 16-dim heads, 1e6 leaves almost no rotary
+    frequency that orders 1,600 positions).
     """
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
@@ -415,7 +418,7 @@ def tiny_config(
         num_key_value_heads=2,
         vocab_size=vocab_size,
         max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=False,
     )
     return LlavaOnevisionConfig(

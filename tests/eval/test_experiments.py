@@ -220,3 +220,15 @@ def test_accuracy_bars_are_the_paired_interval_on_the_cell_and_stay_within_0_and
     assert accuracy_interval(90.0, -5.0, -12.0, 8.0) == (83.0, 100.0)
     assert accuracy_interval(10.0, 5.0, -9.0, 2.0) == (0.0, 7.0)  # none 5 %: 5 − 9 < 0 is cut at 0
     assert accuracy_interval(60.0, 0.0, -3.0, 4.0) == (57.0, 64.0)  # inside the range: untouched
+
+
+def test_probe_sweep_runs_every_strategy_at_the_issue_ratios():
+    """Issue 12: the probe sweep covers every strategy of configs/prune at 5, 10, 20, 30 and 50 %."""
+    probe = load_experiment("probe_sweep")
+    strategies = {p.stem for p in (REPO / "configs" / "prune").glob("*.yaml")} - {"none"}
+    ratios = {}
+    for cell in probe.cells():
+        if cell.prune != "none":
+            ratios.setdefault(cell.prune, set()).add(cell.ratio)
+    assert set(ratios) == strategies
+    assert all(r == {0.05, 0.1, 0.2, 0.3, 0.5} for r in ratios.values()), ratios

@@ -65,8 +65,8 @@ def test_letters_are_balanced_and_the_answer_is_what_the_video_shows(family):
             assert ["one", "two", "three", "four"][len({b.frame for b in boxes}) - 1] == correct
         else:
             first, last = min(boxes, key=lambda b: b.frame), max(boxes, key=lambda b: b.frame)
-            moved = {"right": last.x - first.x, "left": first.x - last.x}
-            assert moved[correct] > 200 and first.y == last.y
+            moved = {"down": last.y - first.y, "up": first.y - last.y}  # y grows downwards
+            assert moved[correct] > 200 and first.x == last.x
 
 
 def test_short_clips_ask_only_counts_they_can_show():

@@ -68,11 +68,11 @@ def test_checkpoint_matches_its_sha256():
 
 
 def test_none_keeps_the_level_the_model_reached(samples, none_predictions):
-    """What the committed model does (docs/probe.md): needle and detail perfect, 2-way motion above chance, order
-    partly, count at chance. The issue's target (>= 90 % on every family) is not met; this guards the level reached,
-    so a broken pipeline shows up as a drop."""
+    """What the committed model does (docs/probe.md): needle, order and detail at the target (>= 90 % of 20 per
+    family; all 8 here), count and motion not learned. The issue's target (>= 90 % on every family) is not met on
+    count and motion; this guards the level reached, so a broken pipeline shows up as a drop."""
     accuracy = {f: _accuracy(samples, none_predictions, f) for f in FAMILIES}
-    assert accuracy["needle"] >= 7 / 8 and accuracy["detail"] >= 7 / 8, accuracy
+    assert all(accuracy[f] >= 7 / 8 for f in ("needle", "order", "detail")), accuracy
     assert _accuracy(samples, none_predictions) >= 0.6, accuracy
 
 
@@ -88,7 +88,8 @@ def test_reversed_frames_lose_order(samples, none_predictions):
     reversed_predictions = _predict(_backbone(), order, frames=lambda video: video[::-1].copy())
     second = [LETTERS[OPTIONS["order"].index(s.boxes[1].colour)] for s in order]
     assert _accuracy(order, reversed_predictions) <= 0.25, reversed_predictions
-    assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 6, (reversed_predictions, second)
+    # and names the second colour in most cases (5 of 8 on the committed model, which gets all 8 right unreversed)
+    assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 5, (reversed_predictions, second)
 
 
 def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> int:
@@ -108,14 +109,9 @@ def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> i
     return int(model.lm_head(hidden[0, -1]).argmax())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the committed model learned order only partly (60 % on the evaluation seed): after a random 90 % drop it "
-    "answers order 2 of 8 at the original (gapped) positions and 4 of 8 renumbered, i.e. at chance both ways, so "
-    "positions cannot be told apart on it (docs/probe.md); a retrained model that keeps order under the drop makes "
-    "this pass",
-)
 def test_renumbered_positions_after_a_drop_lose_order(samples):
+    """After a random 90 % drop, survivors at their original (gapped) positions keep ``order``; renumbered
+    contiguously they lose it: the probe sees what a method does to position ids."""
     backbone = _backbone()
     tok = backbone.tokenizer
     order = [s for s in samples if s.family == "order"]
@@ -129,8 +125,7 @@ def test_renumbered_positions_after_a_drop_lose_order(samples):
             keep = torch.randperm(n, generator=gen)[: n // 10].sort().values  # a random 10 % survives
             for renumber in (False, True):
                 hits[renumber] += tok.decode([_kept_forward(backbone.adapter, pixels, ids, keep, renumber)]) == s.answer
-    # Original positions: a random 10 % of the tokens keeps order as well as none does on this subset (5 of 8);
-    # renumbered positions lose it.
+    # Committed model: 5 of 8 at the original positions (8 of 8 unpruned), 3 of 8 renumbered (chance: 2 of 8).
     assert hits[False] / len(order) >= 0.5, hits
     assert hits[True] < hits[False], hits
 
@@ -174,7 +169,19 @@ def test_training_forward_equals_the_adapter_none_path():
 
 
 def _args(out: Path, phases: str) -> argparse.Namespace:
-    return argparse.Namespace(out=str(out), seed=0, phases=phases, batch=8, lr=3e-3, warmup=30, layers=4, threads=1)
+    return argparse.Namespace(
+        out=str(out),
+        seed=0,
+        phases=phases,
+        mix=train_probe.MIX,
+        rope_theta=train_probe.ROPE_THETA,
+        count_frames=train_probe.COUNT_FRAMES,
+        batch=8,
+        lr=3e-3,
+        warmup=30,
+        layers=4,
+        threads=1,
+    )
 
 
 def test_training_is_deterministic(tmp_path):
@@ -184,8 +191,9 @@ def test_training_is_deterministic(tmp_path):
 
 def _blind_loss(step: int, batch: int = 8, frames: int = 2) -> float:
     """The best letter loss a video-blind model can reach on training step ``step``: ln(options the family can have)
-    averaged over the batch (families cycle; a 2-frame ``count`` can only be one or two)."""
-    families = [FAMILIES[(step * batch + i) % len(FAMILIES)] for i in range(batch)]
+    averaged over the batch (families cycle through the mix; a 2-frame ``count`` can only be one or two)."""
+    mix = [f for f in train_probe.parse_mix(train_probe.MIX) if f != "count" or frames >= train_probe.COUNT_FRAMES]
+    families = [mix[(step * batch + i) % len(mix)] for i in range(batch)]
     options = {f: len(OPTIONS[f]) for f in FAMILIES} | {"count": min(4, frames)}
     return sum(math.log(options[f]) for f in families) / batch
 
