@@ -22,7 +22,7 @@ family    video                                                         question
 ========  ============================================================  ===========================  ======
 needle    one big square in one frame (or a 2-frame span), else empty   its colour (4 colours)       1/4
 order     two big squares of different colours in different frames      which colour came first (4)  1/4
-count     one large square (192 px) visible in 1-4 of the frames     how many flashes (one-four)  1/4
+count     one large square (192 px) visible in 1-4 of the frames        how many flashes (one-four)  1/4
 detail    one small square at one place in every frame                  its colour (4 colours)       1/4
 motion    one big square crossing the whole frame up or down            direction (2)                1/2
 ========  ============================================================  ===========================  ======
