@@ -62,7 +62,19 @@ COLOURS = {
     "random": "tab:gray",
     "pool": "tab:purple",
 }
-SPARE_COLOURS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+# Ten spares after the five fixed ones: the 12 strategies of configs/prune get 12 distinct colours (the probe sweep).
+SPARE_COLOURS = (
+    "tab:red",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "navy",
+    "darkgoldenrod",
+    "lime",
+    "magenta",
+    "teal",
+)
 RC = {
     "svg.hashsalt": "vidprune",  # fixed ids in the SVG, not random ones
     "svg.fonttype": "none",  # text as <text> elements

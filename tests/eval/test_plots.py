@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from eval.plots import figure_size, plot_sweep
+from eval.plots import _colours, figure_size, plot_sweep
 
 
 def _sweep(ci: bool = False) -> pd.DataFrame:
@@ -152,3 +153,10 @@ def test_long_legend_entries_wrap_into_more_rows():
     assert legend_columns(8, 1, longest=28) == 1 and legend_columns(8, 2, longest=28) == 2
     assert figure_size(1, 1, n_legend=8, longest=28)[1] > figure_size(1, 1, n_legend=8, longest=5)[1]
     assert figure_size(1, 2) == figure_size(1, 2, longest=28)  # no legend rows asked for: unchanged
+
+
+def test_every_strategy_gets_its_own_colour():
+    """The probe sweep plots all 12 strategies of configs/prune on one axis: no two may share a colour."""
+    strategies = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "prune").glob("*.yaml"))
+    colours = _colours([s for s in strategies if s != "none"])
+    assert len(set(colours.values())) == len(colours) == len(strategies) - 1, colours
