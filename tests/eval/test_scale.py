@@ -102,7 +102,8 @@ def test_nproc_2_gives_the_nproc_1_predictions_accuracy_and_token_counts(probe_d
         assert b["timing_env"]["processes"] == 2 and b["n_timed"] == b["n_samples"] - b["n_failed"]
     assert {e["rank"] for e in _log(_cell(tmp_path / "two", "fastv", "0.3"))} == {0, 1}  # both ranks answered
     assert two["baseline"]["ttft_speedup_paired"] and two["baseline"]["n_paired"] == one["baseline"]["n_paired"]
-    assert 0 < one["accuracy"] < 100  # the probe model answers some, so equal accuracy means something
+    # the probe model answers (right on some), so equal predictions are not two empty answers
+    assert one["accuracy"] > 0
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> psutil.Process:
