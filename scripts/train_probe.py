@@ -64,10 +64,14 @@ def parse_mix(text: str) -> list[str]:
         pairs = [(name, int(weight)) for name, weight in (part.split(":") for part in text.split(","))]
     except ValueError as err:
         raise SystemExit(f"--mix must look like needle:1,order:2 (family:weight,...), got {text!r}") from err
-    unknown = sorted({name for name, _ in pairs} - set(FAMILIES))
-    if unknown or any(w < 1 for _, w in pairs) or {name for name, _ in pairs} != set(FAMILIES):
+    if sorted(name for name, _ in pairs) != sorted(FAMILIES) or any(w < 1 for _, w in pairs):
         raise SystemExit(f"--mix needs every family of {FAMILIES} once with an integer weight >= 1, got {text!r}")
     return [name for name, weight in pairs for _ in range(weight)]
+
+
+def phase_mix(mix: Sequence[str], frames: int, count_frames: int) -> list[str]:
+    """``mix`` for a phase of ``frames``-frame clips: without ``count`` below ``count_frames`` (``--count-frames``)."""
+    return [f for f in mix if f != "count" or frames >= count_frames] or list(mix)
 
 
 def prompt_ids(tok: ProbeTokenizer, question: str) -> list[int]:
@@ -153,11 +157,11 @@ def train(args: argparse.Namespace) -> Path:
     curve = (out / "curve.jsonl").open("w")
     step, start = 0, time.time()
     for frames, steps in phases:
+        families = phase_mix(mix, frames, args.count_frames)
         for _ in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.warmup, args.lr)
-            phase_mix = [f for f in mix if f != "count" or frames >= args.count_frames] or mix
-            pixels, frame_index, prompts, targets = batch(rng, step, args.batch, frames, tok, phase_mix)
+            pixels, frame_index, prompts, targets = batch(rng, step, args.batch, frames, tok, families)
             logits = answer_logits(model, pixels, prompts, frame_index)
             loss = torch.nn.functional.cross_entropy(logits, targets)
             opt.zero_grad()
@@ -226,7 +230,8 @@ def plot_curve(curve: Path, out: Path) -> Path:
     return out
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of ``make probe-model``; its defaults are the committed checkpoint's recipe."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="tests/fixtures/probe_llava_ov")
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +246,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
-    train(p.parse_args())
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    train(parse_args())
 
 
 if __name__ == "__main__":

@@ -169,19 +169,7 @@ def test_training_forward_equals_the_adapter_none_path():
 
 
 def _args(out: Path, phases: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        out=str(out),
-        seed=0,
-        phases=phases,
-        mix=train_probe.MIX,
-        rope_theta=train_probe.ROPE_THETA,
-        count_frames=train_probe.COUNT_FRAMES,
-        batch=8,
-        lr=3e-3,
-        warmup=30,
-        layers=4,
-        threads=1,
-    )
+    return train_probe.parse_args(["--out", str(out), "--phases", phases])
 
 
 def test_training_is_deterministic(tmp_path):
@@ -192,7 +180,7 @@ def test_training_is_deterministic(tmp_path):
 def _blind_loss(step: int, batch: int = 8, frames: int = 2) -> float:
     """The best letter loss a video-blind model can reach on training step ``step``: ln(options the family can have)
     averaged over the batch (families cycle through the mix; a 2-frame ``count`` can only be one or two)."""
-    mix = [f for f in train_probe.parse_mix(train_probe.MIX) if f != "count" or frames >= train_probe.COUNT_FRAMES]
+    mix = train_probe.phase_mix(train_probe.parse_mix(train_probe.MIX), frames, train_probe.COUNT_FRAMES)
     families = [mix[(step * batch + i) % len(mix)] for i in range(batch)]
     options = {f: len(OPTIONS[f]) for f in FAMILIES} | {"count": min(4, frames)}
     return sum(math.log(options[f]) for f in families) / batch
