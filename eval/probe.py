@@ -22,7 +22,7 @@ family    video                                                         question
 ========  ============================================================  ===========================  ======
 needle    one big square in one frame (or a 2-frame span), else empty   its colour (4 colours)       1/4
 order     two big squares of different colours in different frames      which colour came first (4)  1/4
-count     one large square (192 px) visible in 1-4 of the frames        how many flashes (one-four)  1/4
+count     the whole frame one colour in 1-4 of the frames              how many flashes (one-four)  1/4
 detail    one small square at one place in every frame                  its colour (4 colours)       1/4
 motion    one big square crossing the whole frame up or down            direction (2)                1/2
 ========  ============================================================  ===========================  ======
@@ -97,9 +97,10 @@ QUESTIONS = {
 }
 POST_PROMPT = "Answer with the option's letter."
 BIG, SMALL = 112, 36  # square sides in pixels at size 384: ~4x4 and ~1.3x1.3 cells of the 14x14 grid
-# count's flashes cover ~7x7 cells (a quarter of the frame): the model counts by how much of the clip is coloured, and
-# at 112 px one flash moved that by ~1 % of the tokens, too little to learn next to four other families (docs/probe.md)
-FLASH = 192
+# count's flashes fill the whole frame (all 14x14 cells): the model counts by how much of the clip is coloured. With
+# 112-px squares one flash moved that by ~1 % of the visual tokens, with 192-px ones by ~3 %, and count stayed at
+# chance next to the other four families; whole frames move it by 12.5 % (docs/probe.md, "What training taught us")
+FLASH = 384
 
 
 @dataclass(frozen=True)

@@ -68,12 +68,13 @@ def test_checkpoint_matches_its_sha256():
 
 
 def test_none_keeps_the_level_the_model_reached(samples, none_predictions):
-    """What the committed model does (docs/probe.md): needle, order and detail at the target (>= 90 % of 20 per
-    family; all 8 here), count and motion not learned. The issue's target (>= 90 % on every family) is not met on
-    count and motion; this guards the level reached, so a broken pipeline shows up as a drop."""
+    """What the committed model does (docs/probe.md, 20 per family of the evaluation seed): needle, detail and motion
+    100 %, order 90 %, count 55 %. On the first 8 per family here: 8, 8, 8, 6 and 5 of 8. The issue's target (>= 90 %
+    on every family) is not met on count; this guards the level reached, so a broken pipeline shows up as a drop."""
     accuracy = {f: _accuracy(samples, none_predictions, f) for f in FAMILIES}
-    assert all(accuracy[f] >= 7 / 8 for f in ("needle", "order", "detail")), accuracy
-    assert _accuracy(samples, none_predictions) >= 0.6, accuracy
+    assert all(accuracy[f] >= 7 / 8 for f in ("needle", "detail", "motion")), accuracy
+    assert accuracy["order"] >= 6 / 8 and accuracy["count"] >= 4 / 8, accuracy  # count: twice its chance
+    assert _accuracy(samples, none_predictions) >= 0.8, accuracy
 
 
 def test_blind_control_is_near_chance(samples):
@@ -82,14 +83,19 @@ def test_blind_control_is_near_chance(samples):
         assert abs(_accuracy(samples, predictions, f) - CHANCE[f]) <= 0.125, (f, predictions)
 
 
-def test_reversed_frames_lose_order(samples, none_predictions):
-    """Reversed frames make the second colour come first: a model that reads order names it instead."""
+def test_reversed_frames_lose_order_and_flip_motion(samples, none_predictions):
+    """Reversed frames make the second colour come first and the square move the other way: a model that reads the
+    frame order names the second colour and the opposite direction."""
     order = [s for s in samples if s.family == "order"]
     reversed_predictions = _predict(_backbone(), order, frames=lambda video: video[::-1].copy())
     second = [LETTERS[OPTIONS["order"].index(s.boxes[1].colour)] for s in order]
     assert _accuracy(order, reversed_predictions) <= 0.25, reversed_predictions
-    # and names the second colour in most cases (5 of 8 on the committed model, which gets all 8 right unreversed)
-    assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 5, (reversed_predictions, second)
+    # and names the second colour in most cases (8 of 8 on the committed model, which gets 6 of 8 right unreversed)
+    assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 6, (reversed_predictions, second)
+    motion = [s for s in samples if s.family == "motion"]
+    assert _accuracy(samples, none_predictions, "motion") >= 7 / 8
+    flipped = _predict(_backbone(), motion, frames=lambda video: video[::-1].copy())
+    assert _accuracy(motion, flipped) <= 1 / 8, flipped  # committed model: 0 of 8 (every direction flipped)
 
 
 def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> int:
@@ -109,12 +115,13 @@ def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> i
     return int(model.lm_head(hidden[0, -1]).argmax())
 
 
-def test_renumbered_positions_after_a_drop_lose_order(samples):
+def test_renumbered_positions_after_a_drop_lose_order():
     """After a random 90 % drop, survivors at their original (gapped) positions keep ``order``; renumbered
-    contiguously they lose it: the probe sees what a method does to position ids."""
+    contiguously they lose it: the probe sees what a method does to position ids. 20 samples: on 8 the difference
+    (6 against 5 of 8 on the committed model) is within one seed's noise."""
     backbone = _backbone()
     tok = backbone.tokenizer
-    order = [s for s in samples if s.family == "order"]
+    order = generate(EVAL_SEED, 20, families=["order"])
     gen = torch.Generator().manual_seed(0)
     hits = {False: 0, True: 0}
     with torch.no_grad():
@@ -125,9 +132,9 @@ def test_renumbered_positions_after_a_drop_lose_order(samples):
             keep = torch.randperm(n, generator=gen)[: n // 10].sort().values  # a random 10 % survives
             for renumber in (False, True):
                 hits[renumber] += tok.decode([_kept_forward(backbone.adapter, pixels, ids, keep, renumber)]) == s.answer
-    # Committed model: 5 of 8 at the original positions (8 of 8 unpruned), 3 of 8 renumbered (chance: 2 of 8).
-    assert hits[False] / len(order) >= 0.5, hits
-    assert hits[True] < hits[False], hits
+    # Committed model: 17 of 20 at the original positions (18 of 20 unpruned), 9 of 20 renumbered (chance: 5).
+    assert hits[False] >= 14, hits
+    assert hits[True] <= hits[False] - 5, hits
 
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "configs" / "prune").glob("*.yaml") if p.stem != "none")
