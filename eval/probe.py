@@ -47,7 +47,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +415,7 @@ def write_probe(
     num_frames: int = 8,
     size: int = 384,
     grid: int = 14,
+    blank: bool = False,
 ) -> tuple[Path, list[str]]:
     """Write a probe set and its lmms-eval tasks under ``data_dir`` (idempotent: same inputs, same bytes).
 
@@ -433,6 +434,9 @@ def write_probe(
         num_frames: frames per video; set it to the model's frame count, so frame sampling is the identity.
         size: frame side in pixels (384 for SigLIP-384 backbones: no resize).
         grid: side of the backbone's pooled token grid, for the evidence cells.
+        blank: the no-video control: every frame is the empty background, the questions, answers and evidence are
+            the set's own (``benchmark.blank=true``; the documents say ``"blank": true``, so no record of the real
+            set is reused for it).
 
     Returns:
         ``(include_path, task_names)`` for ``lmms_eval.tasks.TaskManager(include_path=...)``.
@@ -458,10 +462,11 @@ def write_probe(
         for s in samples:
             video = f"videos/{family}_{s.index:04d}"
             folder = data_dir / video
-            stamp = json.dumps(asdict(s))  # what the frames show; a folder is re-rendered when it differs
+            stamp = json.dumps({**asdict(s), "blank": blank})  # what the frames show; re-rendered when it differs
             if not (folder / "done").is_file() or (folder / "done").read_text() != stamp:
                 folder.mkdir(parents=True, exist_ok=True)
-                for f, frame in enumerate(render(s)):
+                video_frames = render(replace(s, boxes=())) if blank else render(s)
+                for f, frame in enumerate(video_frames):
                     Image.fromarray(frame).save(folder / f"{f:04d}.png")
                 (folder / "done").write_text(stamp)
             docs.append(
@@ -475,6 +480,7 @@ def write_probe(
                     "evidence": evidence_cells(s, grid),
                     "grid": grid,
                     "seed": seed,
+                    **({"blank": True} if blank else {}),
                 }
             )
         annotation = data_dir / "probe" / f"{family}.jsonl"

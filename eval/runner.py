@@ -115,7 +115,10 @@ def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
 
     if not isinstance(bench.seed, int) or isinstance(bench.seed, bool):
         raise OptionError(f"option benchmark.seed={bench.seed!r}: expected an int (the probe generator's seed)")
-    folder = data_dir / f"seed{bench.seed}_t{bench.num_frames}_n{bench.per_family}"
+    blank = bench.get("blank", False)
+    if not isinstance(blank, bool):
+        raise OptionError(f"option benchmark.blank={blank!r}: expected true or false (true: the no-video control)")
+    folder = data_dir / f"seed{bench.seed}_t{bench.num_frames}_n{bench.per_family}{'_blank' if blank else ''}"
     if not bench.get("build") and not folder.is_dir():
         raise FileNotFoundError(f"probe set {folder} does not exist; run with benchmark.build=true to generate it")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,6 +131,7 @@ def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
         num_frames=int(bench.num_frames),
         size=int(bench.size),
         grid=int(bench.grid),
+        blank=blank,
     )
     return tasks, str(include)
 

@@ -4,8 +4,9 @@
 
 Each record is one `make eval model=probe_llava_ov benchmark=probe ...` cell. A row per record: which run it is
 (prune, ratio, generator seed), accuracy per family, and whether the row meets its target: `none` >= 90 % on every
-family at the evaluation seed and >= 85 % on any other seed; the blind control (a pruned run keeping <= 1 % of the
-visual tokens) within 10 points of the family's chance (eval.probe.CHANCE); other rows have no target.
+family at the evaluation seed and >= 85 % on any other seed; the blind controls, the no-video run
+(``benchmark.blank=true``) and a pruned run keeping <= 1 % of the visual tokens, within 10 points of the family's
+chance (eval.probe.CHANCE); other rows have no target.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def row(record: dict) -> list[str]:
     seed, prune, ratio = cfg["benchmark"]["seed"], record["prune"], record["ratio"]
     by_task = record["accuracy_by_task"]
     acc = {f: by_task.get(f"probe_{f}") for f in FAMILIES}
-    if prune == "none":
+    blank = bool(cfg["benchmark"].get("blank", False))
+    if blank:
+        target = "no video: within 10 pts of chance"
+        ok = all(a is not None and abs(a - 100 * CHANCE[f]) <= 10 for f, a in acc.items())
+    elif prune == "none":
         floor = 90.0 if seed == EVAL_SEED else 85.0
         target = f"none >= {floor:g} % per family"
         ok = all(a is not None and a >= floor for a in acc.values())
@@ -41,7 +46,7 @@ def row(record: dict) -> list[str]:
     else:
         target, ok = "", None
     kind = "evaluation seed" if seed == EVAL_SEED else "new seed"
-    cells = [f"{prune} {ratio:g}", f"{seed} ({kind})", str(record["n_samples"])]
+    cells = [f"{prune} {ratio:g}" + (" (blank video)" if blank else ""), f"{seed} ({kind})", str(record["n_samples"])]
     cells += ["" if a is None else f"{a:.1f}" for a in acc.values()]
     cells += [f"{record['accuracy']:.1f}", target, {True: "met", False: "**missed**", None: ""}[ok]]
     return cells

@@ -165,6 +165,38 @@ def test_write_probe_writes_tasks_documents_and_frames_idempotently(tmp_path):
         write_probe(tmp_path, seed=5, per_family=4, families=["nope"])
 
 
+def test_blank_control_keeps_the_questions_and_empties_the_frames(tmp_path):
+    """``benchmark.blank=true``: the same documents (answers, evidence) over empty frames, marked so no record of the
+    real set is reused for it."""
+    write_probe(tmp_path / "real", seed=5, per_family=4, num_frames=4)
+    write_probe(tmp_path / "blank", seed=5, per_family=4, num_frames=4, blank=True)
+
+    def docs(which: str, family: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / which / "probe" / f"{family}.jsonl").read_text().splitlines()]
+
+    for family in FAMILIES:
+        real, blank = docs("real", family), docs("blank", family)
+        assert [{**d, "blank": True} for d in real] == blank
+        for doc in blank:
+            video, _ = load_frames(str(tmp_path / "blank" / doc["video"]), 4)
+            assert (video == BACKGROUND).all()
+
+
+@pytest.mark.parametrize(("key", "value"), [("seed", "1000"), ("blank", "yes")])
+def test_probe_options_of_the_wrong_type_stop_before_any_video_is_written(tmp_path, key, value):
+    from omegaconf import OmegaConf
+
+    from eval.options import OptionError
+    from eval.runner import _prepare_probe
+
+    bench = OmegaConf.create(
+        {"seed": 1000, "blank": False, "build": True, "per_family": 4, "num_frames": 4} | {key: value}
+    )
+    with pytest.raises(OptionError, match=f"benchmark.{key}="):
+        _prepare_probe(bench, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_probe_tasks_score_exact_letters():
     assert task_benchmark("probe_motion") == "probe" and task_metric("probe_count") == ("probe_accuracy", 1.0)
     assert sample_score("probe_needle", 1.0) == 1.0 and sample_score("probe_needle", 0.0) == 0.0

@@ -14,11 +14,12 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from eval.probe import CHANCE, FAMILIES, LETTERS, OPTIONS, ProbeTokenizer, generate, model_vocab, render
+from eval.probe import BACKGROUND, CHANCE, FAMILIES, LETTERS, OPTIONS, ProbeTokenizer, generate, model_vocab, render
 from eval.runner import compose_config, make_backbone
 from prune.adapters.llava_onevision import LlavaOnevisionAdapter, answer_logits, tiny_llava_onevision
 from prune.strategies.none import NoPruning
@@ -78,7 +79,10 @@ def test_none_keeps_the_level_the_model_reached(samples, none_predictions):
 
 
 def test_blind_control_is_near_chance(samples):
-    predictions = _predict(_backbone("random", 0.0005), samples)  # one visual token of 1,568
+    """The no-video control (``benchmark.blank=true``: every frame empty, same prompts) scores chance: no question is
+    answerable from the text. One random visual token is not blind for this model (docs/probe.md: SigLIP's attention
+    spreads a frame's content into every patch token; ``random`` at 0.0005 scores 51 % on detail over 100 samples)."""
+    predictions = _predict(_backbone(), samples, frames=lambda video: np.full_like(video, BACKGROUND))
     for f in FAMILIES:  # within 10 points of chance, up to the one-sample granularity of 8 samples (12.5 points)
         assert abs(_accuracy(samples, predictions, f) - CHANCE[f]) <= 0.125, (f, predictions)
 
