@@ -46,7 +46,7 @@ lock: $(STAMP)  ## re-resolve requirements/*.txt from pyproject.toml (docs/insta
 test: $(STAMP)  ## CPU test suite (GPU tests are skipped)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-eval: $(STAMP)  ## the main job (default: tiny model on the tiny bundle, offline); ARGS="..." for more overrides
+eval: $(STAMP)  ## the main job (default: the probe model × HieraVid 0.3 × the probe, paired with none, offline); ARGS="..." for more overrides
 	$(PY) scripts/run_eval.py $(OVERRIDES) $(ARGS)
 
 # `make sweep exp=ratio_sweep model=tiny_llava_ov`: model/benchmark/prune/ratio/budget/budget_measure narrow the

@@ -22,14 +22,16 @@ family    video                                                         question
 ========  ============================================================  ===========================  ======
 needle    one big square in one frame (or a 2-frame span), else empty   its colour (4 colours)       1/4
 order     two big squares of different colours in different frames      which colour came first (4)  1/4
-count     the whole frame one colour in 1-4 of the frames              how many flashes (one-four)  1/4
+count     the whole frame one colour in 1-4 of the frames               how many flashes (one-four)  1/4
 detail    one small square at one place in every frame                  its colour (4 colours)       1/4
 motion    one big square crossing the whole frame up or down            direction (2)                1/2
 ========  ============================================================  ===========================  ======
 
 ``chance`` is one over the options a video-blind model cannot rule out from the question: answers are uniform, so
-the blind control (``prune=random ratio=0.0005``: one visual token) should score chance on every family. ``motion``
-is 2-way, as the issue allows: with up and down too it stayed at chance in the first trained model.
+the no-video control (``write_probe(blank=True)``, ``benchmark.blank=true``: the same documents over empty frames)
+scores chance on every family. One random visual token is not blind: the vision tower's attention mixes a frame's
+content into every patch token (docs/probe.md). ``motion`` is 2-way, as the issue allows: with up and down too it
+stayed at chance in the first trained model.
 
 **Evidence.** Each sample records the frames and the cells of the pooled ``grid x grid`` token grid (the
 backbone's 14x14 after pooling for LLaVA-OneVision) whose pixels overlap what the answer depends on, as
