@@ -9,6 +9,8 @@ Each method becomes one Hydra ``--multirun`` of ``scripts/run_eval.py`` over its
 the paired ``none`` cell is evaluated (or resumed) by the runner. Finished cells are skipped, finished samples of an
 interrupted cell resume, so a sweep can be re-run until nothing is missing. Every cell runs with the decode cache
 (``cache=on``, unless the command line says ``cache=off``), so each video is decoded once per sweep.
+Every cell waits for a cell another run holds (``lock_wait``, a day unless the command line says otherwise), so
+sweeps side by side share their paired ``none`` cell instead of stopping.
 ``nproc=N`` runs every cell on N processes (docs/eval.md).
 """
 
@@ -24,6 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from eval.experiments import load_experiment, shell, split_overrides, sweep_commands  # noqa: E402
 
+# Every cell of a sweep resumes the shared paired ``none`` cell, so two sweeps side by side (or a sweep next to
+# `make eval`) meet on its lock; without a wait the second stops with exit 3 at the first meeting. The lock is an
+# flock that dies with its holder, so waiting never hangs on a crashed run; a day is "wait", with an end.
+LOCK_WAIT_S = 86_400
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     restrict, extra, results = split_overrides(args.overrides)
     if not any(o.startswith("cache=") for o in extra):  # the cells of a sweep share one decode of every video
         extra = ["cache=on", *extra]
+    if not any(o.startswith("lock_wait=") for o in extra):  # sweeps side by side share the paired none cell
+        extra = [f"lock_wait={LOCK_WAIT_S}", *extra]
     args.results = results or args.results  # results_dir= (as for make eval) decides which records count as done
     try:
         exp = load_experiment(args.experiment, restrict)

@@ -215,6 +215,15 @@ def test_sweep_takes_results_dir_like_make_eval(tmp_path, capsys):
     assert all(line.count("results_dir=") == 1 and f"results_dir={tmp_path}" in line for line in lines)
 
 
+def test_sweep_cells_wait_for_a_locked_cell_unless_told_otherwise(tmp_path, capsys):
+    """Two sweeps side by side meet on the shared none cell's lock: the cells wait for it by default."""
+    for given, expected in ((None, f"lock_wait={sweep.LOCK_WAIT_S}"), ("lock_wait=0", "lock_wait=0")):
+        extra = [given] if given else []
+        assert sweep.main(["prunevid_table2", f"results_dir={tmp_path}", "limit=2", *extra, "--dry-run"]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sweep]")]
+        assert lines and all(line.count("lock_wait=") == 1 and expected in line for line in lines), lines
+
+
 def test_accuracy_bars_are_the_paired_interval_on_the_cell_and_stay_within_0_and_100():
     # pruned 90 %, none 95 % (Δ −5), Δ interval [−12, +8]: bars from 83 to 103, cut at 100
     assert accuracy_interval(90.0, -5.0, -12.0, 8.0) == (83.0, 100.0)
