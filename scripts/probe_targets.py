@@ -33,16 +33,14 @@ def row(record: dict) -> list[str]:
     by_task = record["accuracy_by_task"]
     acc = {f: by_task.get(f"probe_{f}") for f in FAMILIES}
     blank = bool(cfg["benchmark"].get("blank", False))
-    if blank:
-        target = "no video: within 10 pts of chance"
+    one_token = prune != "none" and (record.get("pre_llm_retained_pct") or 100.0) <= 1.0
+    if blank or one_token:
+        target = f"{'no video' if blank else 'blind'}: within 10 pts of chance"
         ok = all(a is not None and abs(a - 100 * CHANCE[f]) <= 10 for f, a in acc.items())
     elif prune == "none":
         floor = 90.0 if seed == EVAL_SEED else 85.0
         target = f"none >= {floor:g} % per family"
         ok = all(a is not None and a >= floor for a in acc.values())
-    elif (record.get("pre_llm_retained_pct") or 100.0) <= 1.0:
-        target = "blind: within 10 pts of chance"
-        ok = all(a is not None and abs(a - 100 * CHANCE[f]) <= 10 for f, a in acc.items())
     else:
         target, ok = "", None
     kind = "evaluation seed" if seed == EVAL_SEED else "new seed"
