@@ -67,6 +67,9 @@ __all__ = [
     "evidence_cells",
     "evidence_retention",
     "evidence_tokens",
+    "haystack_frames",
+    "haystack_identity",
+    "haystack_videos",
     "model_vocab",
     "render",
     "sample_family",
@@ -280,10 +283,17 @@ class ProbeTokenizer:
 # -- rendering and evidence -----------------------------------------------------------------------------------------
 
 
-def render(sample: ProbeSample) -> np.ndarray:
-    """The video as ``[T, size, size, 3]`` uint8 frames."""
-    video = np.empty((sample.num_frames, sample.size, sample.size, 3), dtype=np.uint8)
-    video[:] = BACKGROUND
+def render(sample: ProbeSample, background: np.ndarray | None = None) -> np.ndarray:
+    """The video as ``[T, size, size, 3]`` uint8 frames.
+
+    The boxes are painted over ``background`` (``[T, size, size, 3]`` uint8, e.g. :func:`haystack_frames`), or over
+    the plain grey :data:`BACKGROUND` when it is None.
+    """
+    shape = (sample.num_frames, sample.size, sample.size, 3)
+    if background is not None and background.shape != shape:
+        raise ValueError(f"background frames have shape {background.shape}; the sample needs {shape}")
+    video = np.empty(shape, dtype=np.uint8)
+    video[:] = BACKGROUND if background is None else background
     for b in sample.boxes:
         video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] = COLOURS[b.colour]
     return video
@@ -344,6 +354,84 @@ def evidence_retention(
         alive = alive & torch.isin(out, survivors)
         result["stages"].append(float(alive.float().mean()))
     return result
+
+
+# -- real-video haystacks (benchmark.haystack_dir) ---------------------------------------------------------------
+
+HAYSTACK_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")  # video files (decord); or folders of .jpg/.png frames
+_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def haystack_videos(haystack_dir: Path | str) -> list[Path]:
+    """The haystack videos of a folder, sorted by name: video files and folders of frame images, one level deep.
+
+    Raises:
+        ValueError: the folder does not exist or holds no video (the message lists what is accepted).
+    """
+    folder = Path(haystack_dir).expanduser()
+    accepted = f"video files ({' '.join(HAYSTACK_SUFFIXES)}) or folders of .jpg/.png frames"
+    if not folder.is_dir():
+        raise ValueError(
+            f"benchmark.haystack_dir={str(haystack_dir)!r} is not a folder; expected a folder of {accepted}"
+        )
+    videos = sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() and p.suffix.lower() in HAYSTACK_SUFFIXES)
+        or (p.is_dir() and any(q.suffix.lower() in _FRAME_SUFFIXES for q in p.iterdir()))
+    )
+    if not videos:
+        raise ValueError(f"benchmark.haystack_dir={str(haystack_dir)!r} holds no video; expected {accepted}")
+    return videos
+
+
+def haystack_identity(videos: Sequence[Path]) -> str:
+    """12 hex digits naming a haystack.
+
+    Hashes every video's name and fingerprint (size, mtime, edge bytes; frame folders: their files'), so a changed,
+    added or re-copied video names another probe set and never reuses this one's.
+    """
+    from eval.keys import stable_hash, video_fingerprint
+
+    return stable_hash([(p.name, video_fingerprint(p)) for p in videos], 12)
+
+
+def pick_haystack(videos: Sequence[Path], seed: int, sample: ProbeSample) -> Path:
+    """The haystack video of one sample.
+
+    Drawn from its own stream (``seed``, family, index), so the samples themselves (boxes, answers, evidence) are
+    those of the plain set of ``seed`` and adding haystack videos moves no needle.
+    """
+    rng = random.Random(f"vidprune-probe-haystack/{seed}/{sample.family}/{sample.index}")
+    return videos[rng.randrange(len(videos))]
+
+
+def haystack_frames(path: Path | str, num_frames: int, size: int) -> np.ndarray:
+    """``[T, size, size, 3]`` uint8: a haystack video as the probe's frames.
+
+    ``num_frames`` frames sampled uniformly over the whole video (as the backbones sample,
+    :func:`eval.backbones.load_frames`), each centre-cropped to a square and resized to ``size`` (bicubic), so the
+    needle boxes keep their pixel geometry and evidence cells.
+
+    Raises:
+        ValueError: the video cannot be decoded (the message names it).
+    """
+    from PIL import Image
+
+    from eval.backbones import load_frames
+
+    try:
+        frames, _ = load_frames(str(path), num_frames)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"haystack video {path} cannot be read: {err}") from err
+    out = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    for t, frame in enumerate(frames):
+        h, w = frame.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = Image.fromarray(np.ascontiguousarray(frame[top : top + side, left : left + side]))
+        out[t] = np.asarray(square.resize((size, size), Image.Resampling.BICUBIC))
+    return out
 
 
 # -- writing the lmms-eval tasks ------------------------------------------------------------------------------------
@@ -418,6 +506,7 @@ def write_probe(
     size: int = 384,
     grid: int = 14,
     blank: bool = False,
+    haystack_dir: Path | str | None = None,
 ) -> tuple[Path, list[str]]:
     """Write a probe set and its lmms-eval tasks under ``data_dir`` (idempotent: same inputs, same bytes).
 
@@ -439,12 +528,17 @@ def write_probe(
         blank: the no-video control: every frame is the empty background, the questions, answers and evidence are
             the set's own (``benchmark.blank=true``; the documents say ``"blank": true``, so no record of the real
             set is reused for it).
+        haystack_dir: a folder of real videos (:func:`haystack_videos`): each sample's boxes are painted over
+            ``num_frames`` frames of one of them (:func:`pick_haystack`, :func:`haystack_frames`) instead of the
+            grey background; the samples, answers and evidence are the plain set's, and the documents name the video
+            (``"haystack"``). With ``blank`` the frames are the haystack alone (the no-needle control).
 
     Returns:
         ``(include_path, task_names)`` for ``lmms_eval.tasks.TaskManager(include_path=...)``.
 
     Raises:
-        ValueError: an unknown family or fewer than one sample per family.
+        ValueError: an unknown family, fewer than one sample per family, a haystack folder without videos, or a
+            haystack video that cannot be read.
     """
     from PIL import Image
 
@@ -453,6 +547,7 @@ def write_probe(
         raise ValueError(f"unknown probe families {unknown}; known: {FAMILIES}")
     if per_family < 1:
         raise ValueError(f"benchmark.per_family must be >= 1, got {per_family}")
+    videos = haystack_videos(haystack_dir) if haystack_dir is not None else []
     data_dir = Path(data_dir).resolve()
     root = data_dir / "lmms_tasks" / "probe"
     by_family: dict[str, list[ProbeSample]] = {}
@@ -464,10 +559,13 @@ def write_probe(
         for s in samples:
             video = f"videos/{family}_{s.index:04d}"
             folder = data_dir / video
-            stamp = json.dumps({**asdict(s), "blank": blank})  # what the frames show; re-rendered when it differs
+            hay = pick_haystack(videos, seed, s) if videos else None
+            # what the frames show; re-rendered when it differs
+            stamp = json.dumps({**asdict(s), "blank": blank, "haystack": haystack_identity([hay]) if hay else None})
             if not (folder / "done").is_file() or (folder / "done").read_text() != stamp:
+                background = haystack_frames(hay, num_frames, size) if hay else None  # fails before any write
                 folder.mkdir(parents=True, exist_ok=True)
-                video_frames = render(replace(s, boxes=())) if blank else render(s)
+                video_frames = render(replace(s, boxes=()) if blank else s, background)
                 for f, frame in enumerate(video_frames):
                     Image.fromarray(frame).save(folder / f"{f:04d}.png")
                 (folder / "done").write_text(stamp)
@@ -483,6 +581,7 @@ def write_probe(
                     "grid": grid,
                     "seed": seed,
                     **({"blank": True} if blank else {}),
+                    **({"haystack": hay.name} if hay else {}),
                 }
             )
         annotation = data_dir / "probe" / f"{family}.jsonl"

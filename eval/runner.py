@@ -111,14 +111,24 @@ def _prepare_tasks(cfg: DictConfig) -> tuple[list[str], str | None]:
 
 def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
     """Generate (or reuse) the probe set of ``benchmark.seed`` under ``data_dir/seed<seed>`` and its tasks."""
-    from eval.probe import write_probe
+    from eval.probe import haystack_identity, haystack_videos, write_probe
 
     if not isinstance(bench.seed, int) or isinstance(bench.seed, bool):
         raise OptionError(f"option benchmark.seed={bench.seed!r}: expected an int (the probe generator's seed)")
     blank = bench.get("blank", False)
     if not isinstance(blank, bool):
         raise OptionError(f"option benchmark.blank={blank!r}: expected true or false (true: the no-video control)")
-    folder = data_dir / f"seed{bench.seed}_t{bench.num_frames}_n{bench.per_family}{'_blank' if blank else ''}"
+    haystack = bench.get("haystack_dir")
+    if haystack is not None and not isinstance(haystack, str):
+        raise OptionError(f"option benchmark.haystack_dir={haystack!r}: expected a folder path or null")
+    suffix = "_blank" if blank else ""
+    if haystack:  # one set per haystack: another folder, or changed videos, never reuse this one's frames
+        haystack = (REPO / Path(haystack).expanduser()).resolve()
+        try:
+            suffix += f"_hay{haystack_identity(haystack_videos(haystack))}"
+        except ValueError as err:
+            raise OptionError(f"option {err}") from err
+    folder = data_dir / f"seed{bench.seed}_t{bench.num_frames}_n{bench.per_family}{suffix}"
     if not bench.get("build") and not folder.is_dir():
         raise FileNotFoundError(f"probe set {folder} does not exist; run with benchmark.build=true to generate it")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,6 +142,7 @@ def _prepare_probe(bench: DictConfig, data_dir: Path) -> tuple[list[str], str]:
         size=int(bench.size),
         grid=int(bench.grid),
         blank=blank,
+        haystack_dir=haystack or None,
     )
     return tasks, str(include)
 

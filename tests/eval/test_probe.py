@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from eval.backbones import load_frames
 from eval.benchmarks import parse_ok, sample_score, task_benchmark, task_metric
@@ -29,6 +30,9 @@ from eval.probe import (
     evidence_retention,
     evidence_tokens,
     generate,
+    haystack_frames,
+    haystack_identity,
+    haystack_videos,
     render,
     sample_family,
     write_probe,
@@ -37,6 +41,7 @@ from prune.adapters.preprocess import SIGLIP_MEAN, SIGLIP_STD, preprocess_video
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
+from make_tiny_bench import write_corrupt_mp4, write_mp4  # noqa: E402
 from train_probe import pixels_of, sample_pixels  # noqa: E402
 
 
@@ -180,6 +185,82 @@ def test_blank_control_keeps_the_questions_and_empties_the_frames(tmp_path):
         for doc in blank:
             video, _ = load_frames(str(tmp_path / "blank" / doc["video"]), 4)
             assert (video == BACKGROUND).all()
+
+
+def _haystack(folder: Path) -> Path:
+    """Two real-video stand-ins, not square: an MP4 (48x64) and a folder of noise frames (40x30)."""
+    write_mp4(folder / "b_clip.mp4", num_frames=12, height=48, width=64, seed=1)
+    frames = folder / "a_frames"
+    frames.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("not a video")  # ignored
+    return folder
+
+
+def test_haystack_paints_the_plain_sets_needles_over_real_frames(tmp_path):
+    """``benchmark.haystack_dir``: the same documents as the plain set (plus the video's name), each sample's boxes over
+    frames of one haystack video, cropped square and resized to the probe's size."""
+    hay = _haystack(tmp_path / "hay")
+    videos = haystack_videos(hay)
+    assert [v.name for v in videos] == ["a_frames", "b_clip.mp4"]
+    write_probe(tmp_path / "plain", seed=5, per_family=4, num_frames=4, size=84, grid=6)
+    write_probe(tmp_path / "hay_set", seed=5, per_family=4, num_frames=4, size=84, grid=6, haystack_dir=hay)
+    write_probe(
+        tmp_path / "hay_blank", seed=5, per_family=4, num_frames=4, size=84, grid=6, haystack_dir=hay, blank=True
+    )
+    samples = {f"{s.family}_{s.index:04d}": s for s in generate(5, 4, num_frames=4, size=84)}
+    used = set()
+    for family in FAMILIES:
+        plain, real = ([json.loads(x) for x in (tmp_path / d / "probe" / f"{family}.jsonl").read_text().splitlines()]
+                       for d in ("plain", "hay_set"))  # fmt: skip
+        assert [{k: v for k, v in d.items() if k != "haystack"} for d in real] == plain
+        for doc in real:
+            used.add(doc["haystack"])
+            background = haystack_frames(hay / doc["haystack"], 4, 84)
+            assert background.shape == (4, 84, 84, 3) and not (background == BACKGROUND).all()
+            video, _ = load_frames(str(tmp_path / "hay_set" / doc["video"]), 4)
+            np.testing.assert_array_equal(video, render(samples[doc["id"]], background))
+            covered = render(samples[doc["id"]]) != BACKGROUND  # where a box is drawn (no box colour is grey)
+            assert (video[~covered] == background[~covered]).all()  # the rest is the real video
+            empty, _ = load_frames(str(tmp_path / "hay_blank" / doc["video"]), 4)
+            np.testing.assert_array_equal(empty, background)  # no-needle control: the haystack alone
+    assert used == {"a_frames", "b_clip.mp4"}
+    # deterministic, and a changed haystack is another haystack
+    assert haystack_identity(videos) == haystack_identity(haystack_videos(hay))
+    write_mp4(hay / "c_clip.mp4", num_frames=12, height=48, width=64, seed=2)
+    assert haystack_identity(haystack_videos(hay)) != haystack_identity(videos)
+
+
+def test_haystack_folders_are_checked_before_any_video_is_written(tmp_path):
+    from omegaconf import OmegaConf
+
+    from eval.options import OptionError
+    from eval.runner import _prepare_probe
+
+    (tmp_path / "empty").mkdir()
+    bench = {"seed": 1000, "blank": False, "build": True, "per_family": 4, "num_frames": 4, "size": 84, "grid": 6}
+    out = tmp_path / "out"
+    for bad, message in [
+        (tmp_path / "missing", "is not a folder"),
+        (tmp_path / "empty", "holds no video"),
+        (3, "path or null"),
+    ]:
+        with pytest.raises(OptionError, match=f"benchmark.haystack_dir=.*{message}"):
+            _prepare_probe(OmegaConf.create({**bench, "haystack_dir": str(bad) if bad != 3 else 3}), out)
+    assert not out.exists()
+    # a video that cannot be decoded is named
+    write_corrupt_mp4(tmp_path / "broken" / "x.mp4")
+    with pytest.raises(ValueError, match="haystack video .*x.mp4 cannot be read"):
+        write_probe(
+            out, seed=5, per_family=1, families=["needle"], num_frames=4, size=84, haystack_dir=tmp_path / "broken"
+        )
+    # a good haystack gets its own set folder, named by the haystack's identity
+    hay = _haystack(tmp_path / "hay")
+    tasks, _ = _prepare_probe(OmegaConf.create({**bench, "haystack_dir": str(hay), "families": ["needle"]}), out)
+    assert tasks == ["probe_needle"]
+    assert [p.name for p in out.iterdir()] == [f"seed1000_t4_n4_hay{haystack_identity(haystack_videos(hay))}"]
 
 
 @pytest.mark.parametrize(("key", "value"), [("seed", "1000"), ("blank", "yes")])
