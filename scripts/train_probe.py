@@ -47,15 +47,26 @@ ROPE_THETA = 1e4  # the Qwen2 RoPE base of the probe model (Qwen2-7B: 1e6; docs/
 EVAL_SEEDS = range(0, 1000)  # generator seeds reserved for evaluation; training streams are named apart anyway
 
 
-def parse_phases(text: str) -> list[tuple[int, int]]:
-    """``"2:150,4:150,8:300"`` -> ``[(frames, steps), ...]``."""
-    try:
-        phases = [tuple(int(x) for x in part.split(":")) for part in text.split(",")]
-    except ValueError as err:
-        raise SystemExit(f"--phases must look like 2:150,4:150,8:300 (frames:steps,...), got {text!r}") from err
-    if not phases or any(len(p) != 2 or p[0] < 2 or p[1] < 1 for p in phases):
-        raise SystemExit(f"--phases needs frames >= 2 and steps >= 1 per phase, got {text!r}")
-    return phases  # type: ignore[return-value]
+def parse_phases(text: str) -> list[tuple[tuple[int, ...], int, tuple[str, ...]]]:
+    """``"2:300,4/8:400,8:75:count"`` -> ``[(frames, steps, families), ...]``, one per curriculum phase.
+
+    ``frames`` is one clip length or several that alternate step by step (``4/8``: 4, 8, 4, ...); the optional
+    third field restricts the phase to some families (``count`` or ``count+motion``; default: all of ``--mix``).
+    """
+    usage = "--phases must look like 2:300,4/8:400,8:75:count (frames[/frames]:steps[:family+family],...)"
+    phases = []
+    for part in text.split(","):
+        fields = part.split(":")
+        try:
+            frames = tuple(int(f) for f in fields[0].split("/"))
+            steps = int(fields[1])
+        except (ValueError, IndexError) as err:
+            raise SystemExit(f"{usage}, got {text!r}") from err
+        only = tuple(fields[2].split("+")) if len(fields) == 3 else ()
+        if len(fields) > 3 or min(frames) < 2 or steps < 1 or any(f not in FAMILIES for f in only):
+            raise SystemExit(f"{usage}, with frames >= 2, steps >= 1 and families among {FAMILIES}; got {part!r}")
+        phases.append((frames, steps, only))
+    return phases
 
 
 def parse_mix(text: str) -> list[str]:
@@ -144,7 +155,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     phases = parse_phases(args.phases)
-    total = sum(s for _, s in phases)
+    total = sum(steps for _, steps, _ in phases)
     mix = parse_mix(args.mix)
     model = tiny_llava_onevision(
         seed=args.seed, llm_layers=args.layers, rope_theta=args.rope_theta, **model_vocab()
@@ -156,9 +167,10 @@ def train(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     curve = (out / "curve.jsonl").open("w")
     step, start = 0, time.time()
-    for frames, steps in phases:
-        families = phase_mix(mix, frames, args.count_frames)
-        for _ in range(steps):
+    for phase, (clip_lengths, steps, only) in enumerate(phases):
+        for k in range(steps):
+            frames = clip_lengths[k % len(clip_lengths)]
+            families = phase_mix([f for f in mix if not only or f in only], frames, args.count_frames)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.warmup, args.lr)
             pixels, frame_index, prompts, targets = batch(rng, step, args.batch, frames, tok, families)
@@ -171,6 +183,7 @@ def train(args: argparse.Namespace) -> Path:
             acc = float((logits.argmax(-1) == targets).float().mean())
             row = {
                 "step": step,
+                "phase": phase,
                 "frames": frames,
                 "loss": float(loss.detach()),
                 "acc": acc,
@@ -216,10 +229,12 @@ def plot_curve(curve: Path, out: Path) -> Path:
     ax2.axhline(0.25, color="black", linestyle="--", linewidth=1, label="chance")
     for ax in (ax1, ax2):
         start = 0
-        for frames in dict.fromkeys(r["frames"] for r in rows):
-            end = max(r["step"] for r in rows if r["frames"] == frames)
-            ax.axvspan(start, end, alpha=0.06 * (frames.bit_length()), color="grey", linewidth=0)
-            ax.text((start + end) / 2, ax.get_ylim()[1] if ax is ax2 else 3.5, f"{frames} fr", ha="center", fontsize=8)
+        for phase in dict.fromkeys(r.get("phase", r["frames"]) for r in rows):  # older curves: one phase per length
+            in_phase = [r for r in rows if r.get("phase", r["frames"]) == phase]
+            end, frames = in_phase[-1]["step"], sorted({r["frames"] for r in in_phase})
+            ax.axvspan(start, end, alpha=0.06 * frames[-1].bit_length(), color="grey", linewidth=0)
+            label = "/".join(map(str, frames)) + " fr"
+            ax.text((start + end) / 2, ax.get_ylim()[1] if ax is ax2 else 3.5, label, ha="center", fontsize=8)
             start = end
         ax.set_xlabel("step (batch of 8)")
         ax.legend(fontsize=7)
@@ -235,7 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="tests/fixtures/probe_llava_ov")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phases", default=PHASES, help="frames:steps per curriculum phase")
+    p.add_argument("--phases", default=PHASES, help="frames[/frames]:steps[:family+family] per curriculum phase")
     p.add_argument("--mix", default=MIX, help="family:weight of a batch's samples, taken in turn")
     p.add_argument(
         "--count-frames", type=int, default=COUNT_FRAMES, help="count is trained on clips this long or longer"

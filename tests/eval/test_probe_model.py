@@ -58,8 +58,14 @@ def samples():
 
 
 @pytest.fixture(scope="module")
-def none_predictions(samples):
-    return _predict(_backbone(), samples)
+def none_backbone():
+    """The unpruned probe model, built once for every check that runs it (the tests do not change it)."""
+    return _backbone()
+
+
+@pytest.fixture(scope="module")
+def none_predictions(none_backbone, samples):
+    return _predict(none_backbone, samples)
 
 
 def test_checkpoint_matches_its_sha256():
@@ -78,27 +84,27 @@ def test_none_keeps_the_level_the_model_reached(samples, none_predictions):
     assert _accuracy(samples, none_predictions) >= 0.8, accuracy
 
 
-def test_blind_control_is_near_chance(samples):
+def test_blind_control_is_near_chance(none_backbone, samples):
     """The no-video control (``benchmark.blank=true``: every frame empty, same prompts) scores chance: no question is
     answerable from the text. One random visual token is not blind for this model (docs/probe.md: SigLIP's attention
     spreads a frame's content into every patch token; ``random`` at 0.0005 scores 51 % on detail over 100 samples)."""
-    predictions = _predict(_backbone(), samples, frames=lambda video: np.full_like(video, BACKGROUND))
+    predictions = _predict(none_backbone, samples, frames=lambda video: np.full_like(video, BACKGROUND))
     for f in FAMILIES:  # within 10 points of chance, up to the one-sample granularity of 8 samples (12.5 points)
         assert abs(_accuracy(samples, predictions, f) - CHANCE[f]) <= 0.125, (f, predictions)
 
 
-def test_reversed_frames_lose_order_and_flip_motion(samples, none_predictions):
+def test_reversed_frames_lose_order_and_flip_motion(none_backbone, samples, none_predictions):
     """Reversed frames make the second colour come first and the square move the other way: a model that reads the
     frame order names the second colour and the opposite direction."""
     order = [s for s in samples if s.family == "order"]
-    reversed_predictions = _predict(_backbone(), order, frames=lambda video: video[::-1].copy())
+    reversed_predictions = _predict(none_backbone, order, frames=lambda video: video[::-1].copy())
     second = [LETTERS[OPTIONS["order"].index(s.boxes[1].colour)] for s in order]
     assert _accuracy(order, reversed_predictions) <= 0.25, reversed_predictions
     # and names the second colour in most cases (8 of 8 on the committed model, which gets 6 of 8 right unreversed)
     assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 6, (reversed_predictions, second)
     motion = [s for s in samples if s.family == "motion"]
     assert _accuracy(samples, none_predictions, "motion") >= 7 / 8
-    flipped = _predict(_backbone(), motion, frames=lambda video: video[::-1].copy())
+    flipped = _predict(none_backbone, motion, frames=lambda video: video[::-1].copy())
     assert _accuracy(motion, flipped) <= 1 / 8, flipped  # committed model: 0 of 8 (every direction flipped)
 
 
@@ -119,11 +125,11 @@ def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> i
     return int(model.lm_head(hidden[0, -1]).argmax())
 
 
-def test_renumbered_positions_after_a_drop_lose_order():
+def test_renumbered_positions_after_a_drop_lose_order(none_backbone):
     """After a random 90 % drop, survivors at their original (gapped) positions keep ``order``; renumbered
     contiguously they lose it: the probe sees what a method does to position ids. 20 samples: on 8 the difference
     (6 against 5 of 8 on the committed model) is within one seed's noise."""
-    backbone = _backbone()
+    backbone = none_backbone
     tok = backbone.tokenizer
     order = generate(EVAL_SEED, 20, families=["order"])
     gen = torch.Generator().manual_seed(0)
@@ -186,6 +192,31 @@ def _args(out: Path, phases: str) -> argparse.Namespace:
 def test_training_is_deterministic(tmp_path):
     digests = [(train_probe.train(_args(tmp_path / str(i), "2:2")) / "SHA256").read_text() for i in range(2)]
     assert digests[0] == digests[1]
+
+
+def test_phases_alternate_clip_lengths_and_restrict_families(tmp_path, monkeypatch):
+    """``--phases 2/3:2:count+motion,2:1``: the first phase alternates 2- and 3-frame clips of count and motion only,
+    the second takes every family of the mix."""
+    assert train_probe.parse_phases("2:300,4/8:400,8:75:count") == [
+        ((2,), 300, ()),
+        ((4, 8), 400, ()),
+        ((8,), 75, ("count",)),
+    ]
+    for bad in ("2", "2:x", "1:5", "2:0", "2:5:nope", "2:5:count:1", "2/x:5"):
+        with pytest.raises(SystemExit, match="--phases must look like"):
+            train_probe.parse_phases(bad)
+    seen = []
+    real_batch = train_probe.batch
+
+    def spy(rng, step, size, frames, tok, mix):
+        seen.append((frames, sorted(set(mix))))
+        return real_batch(rng, step, 2, frames, tok, mix)  # batch 2: this checks the schedule, not learning
+
+    monkeypatch.setattr(train_probe, "batch", spy)
+    out = train_probe.train(_args(tmp_path, "2/3:2:count+motion,2:1"))
+    assert seen == [(2, ["count", "motion"]), (3, ["count", "motion"]), (2, sorted(FAMILIES))]
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["frames"]) for r in curve] == [(0, 2), (0, 3), (1, 2)]
 
 
 def _blind_loss(step: int, batch: int = 8, frames: int = 2) -> float:
