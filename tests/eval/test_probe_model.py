@@ -142,8 +142,7 @@ def test_renumbered_positions_after_a_drop_lose_order(none_backbone):
             keep = torch.randperm(n, generator=gen)[: n // 10].sort().values  # a random 10 % survives
             for renumber in (False, True):
                 hits[renumber] += tok.decode([_kept_forward(backbone.adapter, pixels, ids, keep, renumber)]) == s.answer
-    # Committed model: 22 of 40 at the original positions, 13 of 40 renumbered (chance: 10; unpruned: 19 of the
-    # first 20).
+    # Committed model: 22 of 40 at the original positions, 13 of 40 renumbered (chance: 10; unpruned: 19 of the first 20).
     assert hits[False] >= 18, hits
     assert hits[True] <= hits[False] - 5, hits
 
