@@ -560,8 +560,8 @@ def write_probe(
             video = f"videos/{family}_{s.index:04d}"
             folder = data_dir / video
             hay = pick_haystack(videos, seed, s) if videos else None
-            # what the frames show; re-rendered when it differs
-            stamp = json.dumps({**asdict(s), "blank": blank, "haystack": haystack_identity([hay]) if hay else None})
+            # what the frames show; re-rendered when it differs (a plain set's stamp is what it was before haystacks)
+            stamp = json.dumps({**asdict(s), "blank": blank, **({"haystack": haystack_identity([hay])} if hay else {})})
             if not (folder / "done").is_file() or (folder / "done").read_text() != stamp:
                 background = haystack_frames(hay, num_frames, size) if hay else None  # fails before any write
                 folder.mkdir(parents=True, exist_ok=True)
