@@ -41,6 +41,10 @@ backbone's 14x14 after pooling for LLaVA-OneVision) whose pixels overlap what th
 
 The generator is deterministic from ``seed`` (a private ``random.Random``); the evaluation set uses one seed,
 training uses others (:func:`sample_family` draws samples without files for the training script).
+
+**Haystacks.** ``write_probe(haystack_dir=...)`` (``benchmark.haystack_dir``) paints the same samples over frames of
+real videos instead of the grey background, as VNBench inserts needles into real footage: for real checkpoints (the
+probe model was trained on grey only).
 """
 
 from __future__ import annotations

@@ -227,6 +227,8 @@ def test_haystack_paints_the_plain_sets_needles_over_real_frames(tmp_path):
             empty, _ = load_frames(str(tmp_path / "hay_blank" / doc["video"]), 4)
             np.testing.assert_array_equal(empty, background)  # no-needle control: the haystack alone
     assert used == {"a_frames", "b_clip.mp4"}
+    with pytest.raises(ValueError, match="background frames have shape"):
+        render(samples["needle_0000"], background[:2])
     # deterministic, and a changed haystack is another haystack
     assert haystack_identity(videos) == haystack_identity(haystack_videos(hay))
     write_mp4(hay / "c_clip.mp4", num_frames=12, height=48, width=64, seed=2)
