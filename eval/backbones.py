@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import pkgutil
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from eval import families
 from eval.families.contract import BackboneUnavailable, ByteIdTokenizer, Family
+from eval.frames import load_frames
 from prune.adapters import VideoAdapter
-from prune.adapters.preprocess import sample_frame_indices
 from prune.api import Strategy
 from prune.flops import LLMShape
 
@@ -47,43 +45,6 @@ __all__ = [
     "flops_of",
     "load_frames",
 ]
-
-
-def load_frames(path: str, num_frames: int) -> tuple[Any, int]:
-    """Decode ``num_frames`` uniformly sampled frames (lmms-eval's ``linspace`` over the whole clip).
-
-    Args:
-        path: an MP4 (any container decord reads) or a folder of frame images (MVBench's TVQA subtask).
-        num_frames: frames to sample; a shorter video repeats frames, as ``np.linspace`` with int cast does.
-
-    Returns:
-        ``[T, H, W, 3]`` uint8 frames and the video's own frame count.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: the video has no decodable frame.
-    """
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"video not found: {path}")
-    if os.path.isdir(path):  # a folder of frames
-        from PIL import Image
-
-        files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if not files:
-            raise ValueError(f"frame folder has no .jpg/.png frames: {path}")
-        idx = sample_frame_indices(len(files), num_frames)
-        return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in idx]), len(files)
-    import decord
-
-    try:
-        reader = decord.VideoReader(path, num_threads=1)
-    except Exception as err:  # decord raises its own DECORDError for corrupt files
-        raise ValueError(f"cannot decode video {path}: {err}") from err
-    total = len(reader)
-    if total == 0:
-        raise ValueError(f"video has no frames: {path}")
-    return reader.get_batch(sample_frame_indices(total, num_frames)).asnumpy(), total
 
 
 @dataclass

@@ -414,7 +414,7 @@ def haystack_frames(path: Path | str, num_frames: int, size: int) -> np.ndarray:
     """``[T, size, size, 3]`` uint8: a haystack video as the probe's frames.
 
     ``num_frames`` frames sampled uniformly over the whole video (as the backbones sample,
-    :func:`eval.backbones.load_frames`), each centre-cropped to a square and resized to ``size`` (bicubic), so the
+    :func:`eval.frames.load_frames`), each centre-cropped to a square and resized to ``size`` (bicubic), so the
     needle boxes keep their pixel geometry and evidence cells.
 
     Raises:
@@ -422,7 +422,7 @@ def haystack_frames(path: Path | str, num_frames: int, size: int) -> np.ndarray:
     """
     from PIL import Image
 
-    from eval.backbones import load_frames
+    from eval.frames import load_frames
 
     try:
         frames, _ = load_frames(str(path), num_frames)
