@@ -22,7 +22,7 @@ family    video                                                         question
 ========  ============================================================  ===========================  ======
 needle    one big square in one frame (or a 2-frame span), else empty   its colour (4 colours)       1/4
 order     two big squares of different colours in different frames      which colour came first (4)  1/4
-count     the whole frame one colour in 1-4 of the frames               how many flashes (one-four)  1/4
+count     the whole frame white in 1-4 of the frames                    how many flashes (one-four)  1/4
 detail    one small square at one place in every frame                  its colour (4 colours)       1/4
 motion    one big square crossing the whole frame up or down            direction (2)                1/2
 ========  ============================================================  ===========================  ======
@@ -63,8 +63,10 @@ __all__ = [
     "CHANCE",
     "COLOURS",
     "FAMILIES",
+    "FLASH_COLOUR",
     "LETTERS",
     "OPTIONS",
+    "PAINT",
     "PROBE_VOCAB",
     "ProbeSample",
     "ProbeTokenizer",
@@ -85,6 +87,8 @@ LETTERS = "ABCD"
 BACKGROUND = (128, 128, 128)  # fixed plain grey: varying backgrounds made nothing visual learnable at this size
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230), "yellow": (240, 220, 20)}
 COLOUR_NAMES = tuple(COLOURS)
+FLASH_COLOUR = "white"  # count's flashes (see FLASH below)
+PAINT = {**COLOURS, FLASH_COLOUR: (255, 255, 255)}  # every colour a box can have
 COUNT_WORDS = ("one", "two", "three", "four")
 # 2-way and vertical: the LLM reads a frame in raster order, so a square one row lower sits 14 positions later, one
 # column to the right only 1 later; up/down was learned in 100 steps where left/right stayed at chance (docs/probe.md).
@@ -108,7 +112,9 @@ POST_PROMPT = "Answer with the option's letter."
 BIG, SMALL = 112, 36  # square sides in pixels at size 384: ~4x4 and ~1.3x1.3 cells of the 14x14 grid
 # count's flashes fill the whole frame (all 14x14 cells): the model counts by how much of the clip is coloured. With
 # 112-px squares one flash moved that by ~1 % of the visual tokens, with 192-px ones by ~3 %, and count stayed at
-# chance next to the other four families; whole frames move it by 12.5 % (docs/probe.md, "What training taught us")
+# chance next to the other four families; whole frames move it by 12.5 % (docs/probe.md, "What training taught us").
+# They are white, a colour no other family draws and no answer names: in one of the four answer colours count stayed
+# at 55-70 % (adjacent counts confused), in white it reached 95-100 % (docs/probe.md)
 FLASH = 384
 
 
@@ -211,7 +217,7 @@ def sample_family(family: str, index: int, rng: random.Random, num_frames: int =
     elif family == "count":
         k = answer + 1
         frames = sorted(rng.sample(range(t), k))
-        colour = rng.choice(COLOUR_NAMES)
+        colour = FLASH_COLOUR
         flash = round(FLASH * size / 384)
         x, y = _place(rng, flash, size)
         boxes = tuple(Box(f, x, y, flash, colour) for f in frames)
@@ -299,7 +305,7 @@ def render(sample: ProbeSample, background: np.ndarray | None = None) -> np.ndar
     video = np.empty(shape, dtype=np.uint8)
     video[:] = BACKGROUND if background is None else background
     for b in sample.boxes:
-        video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] = COLOURS[b.colour]
+        video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] = PAINT[b.colour]
     return video
 
 

@@ -22,8 +22,10 @@ from eval.probe import (
     CHANCE,
     COLOURS,
     FAMILIES,
+    FLASH_COLOUR,
     LETTERS,
     OPTIONS,
+    PAINT,
     PROBE_VOCAB,
     ProbeTokenizer,
     evidence_cells,
@@ -68,6 +70,7 @@ def test_letters_are_balanced_and_the_answer_is_what_the_video_shows(family):
             assert boxes[0].frame < boxes[1].frame and boxes[0].colour == correct != boxes[1].colour
         elif family == "count":
             assert ["one", "two", "three", "four"][len({b.frame for b in boxes}) - 1] == correct
+            assert {b.colour for b in boxes} == {FLASH_COLOUR} and FLASH_COLOUR not in COLOURS  # no answer colour
         else:
             first, last = min(boxes, key=lambda b: b.frame), max(boxes, key=lambda b: b.frame)
             moved = {"down": last.y - first.y, "up": first.y - last.y}  # y grows downwards
@@ -91,7 +94,7 @@ def test_render_draws_exactly_the_boxes_on_a_plain_background():
         if f not in drawn:
             assert (video[f] == BACKGROUND).all()
     b = s.boxes[0]
-    assert (video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] == COLOURS[b.colour]).all()
+    assert (video[b.frame, b.y : b.y + b.side, b.x : b.x + b.side] == PAINT[b.colour]).all()
     assert (video[b.frame] != BACKGROUND).any(-1).sum() == b.side * b.side
 
 
