@@ -12,7 +12,9 @@ from typing import Any
 
 from prune.adapters.preprocess import sample_frame_indices
 
-__all__ = ["load_frames"]
+__all__ = ["FRAME_SUFFIXES", "load_frames"]
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")  # the frame images a frame folder may hold
 
 
 def load_frames(path: str, num_frames: int) -> tuple[Any, int]:
@@ -35,7 +37,7 @@ def load_frames(path: str, num_frames: int) -> tuple[Any, int]:
     if os.path.isdir(path):  # a folder of frames
         from PIL import Image
 
-        files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
         if not files:
             raise ValueError(f"frame folder has no .jpg/.png frames: {path}")
         idx = sample_frame_indices(len(files), num_frames)

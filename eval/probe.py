@@ -369,7 +369,6 @@ def evidence_retention(
 # -- real-video haystacks (benchmark.haystack_dir) ---------------------------------------------------------------
 
 HAYSTACK_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")  # video files (decord); or folders of .jpg/.png frames
-_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def haystack_videos(haystack_dir: Path | str) -> list[Path]:
@@ -378,6 +377,8 @@ def haystack_videos(haystack_dir: Path | str) -> list[Path]:
     Raises:
         ValueError: the folder does not exist or holds no video (the message lists what is accepted).
     """
+    from eval.frames import FRAME_SUFFIXES
+
     folder = Path(haystack_dir).expanduser()
     accepted = f"video files ({' '.join(HAYSTACK_SUFFIXES)}) or folders of .jpg/.png frames"
     if not folder.is_dir():
@@ -388,7 +389,7 @@ def haystack_videos(haystack_dir: Path | str) -> list[Path]:
         p
         for p in folder.iterdir()
         if (p.is_file() and p.suffix.lower() in HAYSTACK_SUFFIXES)
-        or (p.is_dir() and any(q.suffix.lower() in _FRAME_SUFFIXES for q in p.iterdir()))
+        or (p.is_dir() and any(q.suffix.lower() in FRAME_SUFFIXES for q in p.iterdir()))
     )
     if not videos:
         raise ValueError(f"benchmark.haystack_dir={str(haystack_dir)!r} holds no video; expected {accepted}")
@@ -558,6 +559,7 @@ def write_probe(
     if per_family < 1:
         raise ValueError(f"benchmark.per_family must be >= 1, got {per_family}")
     videos = haystack_videos(haystack_dir) if haystack_dir is not None else []
+    identities = {video: haystack_identity([video]) for video in videos}  # fingerprinted once, not once a sample
     data_dir = Path(data_dir).resolve()
     root = data_dir / "lmms_tasks" / "probe"
     by_family: dict[str, list[ProbeSample]] = {}
@@ -571,7 +573,7 @@ def write_probe(
             folder = data_dir / video
             hay = pick_haystack(videos, seed, s) if videos else None
             # what the frames show; re-rendered when it differs (a plain set's stamp is what it was before haystacks)
-            stamp = json.dumps({**asdict(s), "blank": blank, **({"haystack": haystack_identity([hay])} if hay else {})})
+            stamp = json.dumps({**asdict(s), "blank": blank, **({"haystack": identities[hay]} if hay else {})})
             if not (folder / "done").is_file() or (folder / "done").read_text() != stamp:
                 background = haystack_frames(hay, num_frames, size) if hay else None  # fails before any write
                 folder.mkdir(parents=True, exist_ok=True)
