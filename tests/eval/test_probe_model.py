@@ -74,14 +74,13 @@ def test_checkpoint_matches_its_sha256():
     assert (CKPT / "model.safetensors").stat().st_size <= 2 * 1024 * 1024
 
 
-def test_none_keeps_the_level_the_model_reached(samples, none_predictions):
-    """What the committed model does (docs/probe.md, 20 per family of the evaluation seed): needle, detail and motion
-    100 %, order 90 %, count 55 %. On the first 8 per family here: 8, 8, 8, 6 and 5 of 8. The issue's target (>= 90 %
-    on every family) is not met on count; this guards the level reached, so a broken pipeline shows up as a drop."""
+def test_none_reaches_the_target(samples, none_predictions):
+    """The issue's target for ``none``, >= 90 % on every family, at the granularity of 8 samples a family: at least 7
+    of 8 on each (87.5 %) and >= 90 % overall. The committed model (docs/probe.md, 20 a family of the evaluation
+    seed: 100 / 100 / 95 / 100 / 100 %) gets 8, 8, 7, 8 and 8 of 8 here."""
     accuracy = {f: _accuracy(samples, none_predictions, f) for f in FAMILIES}
-    assert all(accuracy[f] >= 7 / 8 for f in ("needle", "detail", "motion")), accuracy
-    assert accuracy["order"] >= 6 / 8 and accuracy["count"] >= 4 / 8, accuracy  # count: twice its chance
-    assert _accuracy(samples, none_predictions) >= 0.8, accuracy
+    assert all(a >= 7 / 8 for a in accuracy.values()), accuracy
+    assert _accuracy(samples, none_predictions) >= 0.9, accuracy
 
 
 def test_blind_control_is_near_chance(none_backbone, samples):
@@ -100,7 +99,7 @@ def test_reversed_frames_lose_order_and_flip_motion(none_backbone, samples, none
     reversed_predictions = _predict(none_backbone, order, frames=lambda video: video[::-1].copy())
     second = [LETTERS[OPTIONS["order"].index(s.boxes[1].colour)] for s in order]
     assert _accuracy(order, reversed_predictions) <= 0.25, reversed_predictions
-    # and names the second colour in most cases (8 of 8 on the committed model, which gets 6 of 8 right unreversed)
+    # and names the second colour in most cases (the committed model: 8 of 8, and 8 of 8 right unreversed)
     assert sum(p == q for p, q in zip(reversed_predictions, second, strict=True)) >= 6, (reversed_predictions, second)
     motion = [s for s in samples if s.family == "motion"]
     assert _accuracy(samples, none_predictions, "motion") >= 7 / 8
@@ -125,26 +124,29 @@ def _kept_forward(adapter, pixels, ids, keep: torch.Tensor, renumber: bool) -> i
     return int(model.lm_head(hidden[0, -1]).argmax())
 
 
-def test_renumbered_positions_after_a_drop_lose_order(none_backbone):
-    """After a random 90 % drop, survivors at their original (gapped) positions keep ``order``; renumbered
-    contiguously they lose it: the probe sees what a method does to position ids. 20 samples: on 8 the difference
-    (6 against 5 of 8 on the committed model) is within one seed's noise."""
+def test_renumbered_positions_after_a_drop_lose_motion_and_count(none_backbone):
+    """After a random 90 % drop, survivors at their original (gapped) positions keep ``motion`` and part of ``count``;
+    renumbered contiguously they lose both: the probe sees what a method does to position ids. 20 samples a family
+    (on 8 a difference of a few samples is within one seed's noise)."""
     backbone = none_backbone
     tok = backbone.tokenizer
-    order = generate(EVAL_SEED, 20, families=["order"])
-    gen = torch.Generator().manual_seed(0)
-    hits = {False: 0, True: 0}
+    hits = {}
     with torch.no_grad():
-        for s in order:
-            pixels = backbone.preprocess(render(s))
-            ids = backbone.prompt_ids(s.question)[0].tolist()
-            n = pixels.shape[1] * 196
-            keep = torch.randperm(n, generator=gen)[: n // 10].sort().values  # a random 10 % survives
-            for renumber in (False, True):
-                hits[renumber] += tok.decode([_kept_forward(backbone.adapter, pixels, ids, keep, renumber)]) == s.answer
-    # Committed model: 17 of 20 at the original positions (18 of 20 unpruned), 9 of 20 renumbered (chance: 5).
-    assert hits[False] >= 14, hits
-    assert hits[True] <= hits[False] - 5, hits
+        for family in ("motion", "count"):
+            gen = torch.Generator().manual_seed(0)
+            for s in generate(EVAL_SEED, 20, families=[family]):
+                pixels = backbone.preprocess(render(s))
+                ids = backbone.prompt_ids(s.question)[0].tolist()
+                n = pixels.shape[1] * 196
+                keep = torch.randperm(n, generator=gen)[: n // 10].sort().values  # a random 10 % survives
+                for renumber in (False, True):
+                    answer = tok.decode([_kept_forward(backbone.adapter, pixels, ids, keep, renumber)])
+                    hits[family, renumber] = hits.get((family, renumber), 0) + (answer == s.answer)
+    # Committed model (docs/probe.md): motion 17 of 20 gapped, 5 renumbered (chance 10: the direction flips); count
+    # 11 and 5 (chance 5). Order keeps 15 of 20 either way: this model reads which colour came first without the
+    # positions (the first checkpoints lost order here; reversed frames still flip it, above).
+    assert hits["motion", False] >= 14 and hits["motion", True] <= hits["motion", False] - 6, hits
+    assert hits["count", False] >= 8 and hits["count", True] <= hits["count", False] - 4, hits
 
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "configs" / "prune").glob("*.yaml") if p.stem != "none")
@@ -219,7 +221,7 @@ def test_phases_alternate_clip_lengths_and_restrict_families(tmp_path, monkeypat
     assert [(r["phase"], r["frames"]) for r in curve] == [(0, 2), (0, 3), (1, 2)]
 
 
-def _blind_loss(step: int, batch: int = 8, frames: int = 2) -> float:
+def _blind_loss(step: int, batch: int, frames: int = 2) -> float:
     """The best letter loss a video-blind model can reach on training step ``step``: ln(options the family can have)
     averaged over the batch (families cycle through the mix; a 2-frame ``count`` can only be one or two)."""
     mix = train_probe.phase_mix(train_probe.parse_mix(train_probe.MIX), frames, train_probe.COUNT_FRAMES)
@@ -229,10 +231,11 @@ def _blind_loss(step: int, batch: int = 8, frames: int = 2) -> float:
 
 
 def test_a_short_training_run_falls_below_the_answer_prior(tmp_path):
-    """The recipe still learns: the letter loss of the last 10 steps ends below what the best video-blind answer
-    scores (1.11 nats at 2 frames)."""
-    steps = 150
-    out = train_probe.train(_args(tmp_path, f"2:{steps}"))
+    """The recipe (its seed and batch) still learns: the letter loss of the last 10 of 100 steps at 2 frames ends
+    below what the best video-blind answer scores (1.04 nats with the weighted mix)."""
+    steps = 100
+    args = _args(tmp_path, f"2:{steps}")
+    out = train_probe.train(args)
     losses = [json.loads(line)["loss"] for line in (out / "curve.jsonl").read_text().splitlines()]
-    prior = sum(_blind_loss(s) for s in range(steps - 10, steps)) / 10
+    prior = sum(_blind_loss(s, args.batch) for s in range(steps - 10, steps)) / 10
     assert sum(losses[-10:]) / 10 < prior, (losses[-10:], prior)
