@@ -29,9 +29,9 @@ motion    one big square crossing the whole frame up or down            directio
 
 ``chance`` is one over the options a video-blind model cannot rule out from the question: answers are uniform, so
 the no-video control (``write_probe(blank=True)``, ``benchmark.blank=true``: the same documents over empty frames)
-scores chance on every family. One random visual token is not blind: the vision tower's attention mixes a frame's
-content into every patch token (docs/probe.md). ``motion`` is 2-way, as the issue allows: with up and down too it
-stayed at chance in the first trained model.
+scores chance on every family. So does one random visual token with the committed model, though it need not: the
+vision tower's attention mixes a frame's content into every patch token (docs/probe.md). ``motion`` is 2-way, as
+the issue allows: with up and down too it stayed at chance in the first trained model.
 
 **Evidence.** Each sample records the frames and the cells of the pooled ``grid x grid`` token grid (the
 backbone's 14x14 after pooling for LLaVA-OneVision) whose pixels overlap what the answer depends on, as
