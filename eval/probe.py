@@ -126,7 +126,7 @@ class Box:
         frame: frame index.
         x, y: top-left corner (column, row).
         side: side length.
-        colour: a key of :data:`COLOURS`.
+        colour: a key of :data:`PAINT` (an answer colour, or count's white).
     """
 
     frame: int
